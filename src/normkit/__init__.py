@@ -1,0 +1,29 @@
+"""normkit: normalization written once against the Python Array API, for every array library.
+
+The public functional API and ``hookimpl``; layers live in the plugins (normkit-torch, normkit-keras).
+"""
+
+from normkit._batch_norm import BatchNormResult, batch_norm
+from normkit._family import group_norm, instance_norm, layer_norm, rms_norm
+from normkit._moments import Moments, MomentsResult, moments
+from normkit._namespace import array_namespace
+from normkit._preprocessing import min_max_scale, standardize
+from normkit.plugin.spec import hookimpl
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "batch_norm",
+    "BatchNormResult",
+    "layer_norm",
+    "group_norm",
+    "instance_norm",
+    "rms_norm",
+    "moments",
+    "MomentsResult",
+    "Moments",
+    "standardize",
+    "min_max_scale",
+    "array_namespace",
+    "hookimpl",
+]

@@ -1,0 +1,162 @@
+"""The conformance suite every adapter's layers run through: normkit layer vs native layer vs float64 NumPy.
+
+A plugin contributes a ``Harness`` (hook ``normkit_test_harnesses``); ``tests/test_conformance.py``
+runs ``CHECKS`` over every ``LayerCase`` of every harness. A harness speaks NumPy at its edges so
+the checks stay framework-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+__all__ = ["LayerCase", "Harness", "CHECKS", "tolerance"]
+
+State = dict[str, np.ndarray]
+
+
+@dataclass
+class LayerCase:
+    """One layer configuration: how to build both twins, what input it takes, and its reference math.
+
+    ``reference(x, state, training)`` returns ``(y, new_state)`` computed in float64 NumPy from the
+    state names of the native layer (only the entries that change need to be in ``new_state``).
+    """
+
+    id: str
+    make_normkit: Callable[[], Any]
+    make_native: Callable[[], Any]
+    input_shape: tuple[int, ...]
+    reference: Callable[[np.ndarray, State, bool], tuple[np.ndarray, State]]
+    dtype: str = "float64"
+    trains: bool = True  # False for layers with no training behaviour to compare (none yet)
+    data_offset: float = 0.0  # mean of the generated input (tests shifted data when large)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Harness(Protocol):
+    """What the suite needs from a framework; every array in or out is a NumPy array."""
+
+    name: str
+
+    def cases(self) -> list[LayerCase]: ...
+
+    def copy_state(self, src: Any, dst: Any) -> None:
+        """Make ``dst``'s weights and statistics equal to ``src``'s (native -> normkit or back)."""
+
+    def forward(self, layer: Any, x: np.ndarray, training: bool) -> np.ndarray:
+        """Output of one call; in training mode the layer's statistics are updated as a user's step would."""
+
+    def gradients(self, layer: Any, x: np.ndarray, upstream: np.ndarray) -> tuple[np.ndarray, State]:
+        """Training-mode gradients of ``sum(output * upstream)``: w.r.t. the input and each trainable weight by name."""
+
+    def state(self, layer: Any) -> State:
+        """Every weight and statistic, by the native layer's names, in its order."""
+
+    def roundtrip(self, layer: Any) -> Any:
+        """The layer after the framework's own save and load (state_dict / .keras file)."""
+
+
+def tolerance(dtype: str) -> dict[str, float]:
+    """Absolute and relative tolerance for comparing two implementations in ``dtype``."""
+    return {"float64": dict(rtol=1e-9, atol=1e-10), "float32": dict(rtol=1e-4, atol=1e-5)}[dtype]
+
+
+def _input(case: LayerCase, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(case.input_shape) * 2.0 + 0.5 + case.data_offset
+    return x.astype(case.dtype)
+
+
+def _assert_states_close(got: State, want: State, tol: dict[str, float], what: str) -> None:
+    assert list(got) == list(want), f"{what}: state names {list(got)} != {list(want)}"
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], err_msg=f"{what}: {name}", **tol)
+
+
+def check_state_names(h: Harness, case: LayerCase) -> None:
+    """Same weight/statistic names, shapes and dtypes as the native layer, in the same order."""
+    ours, native = h.state(case.make_normkit()), h.state(case.make_native())
+    assert list(ours) == list(native)
+    for name in native:
+        assert ours[name].shape == native[name].shape, name
+        assert ours[name].dtype == native[name].dtype, name
+        np.testing.assert_array_equal(ours[name], native[name], err_msg=f"initial value of {name}")
+
+
+def check_train_steps(h: Harness, case: LayerCase) -> None:
+    """Several training steps: outputs and statistics equal native and the float64 reference at every step."""
+    ours, native = case.make_normkit(), case.make_native()
+    h.copy_state(native, ours)
+    tol = tolerance(case.dtype)
+    ref_state = {k: v.astype(np.float64) for k, v in h.state(native).items()}
+    for step in range(3):
+        x = _input(case, seed=step)
+        y_native = h.forward(native, x, training=True)
+        y_ours = h.forward(ours, x, training=True)
+        np.testing.assert_allclose(y_ours, y_native, err_msg=f"step {step} output vs native", **tol)
+        y_ref, updates = case.reference(x.astype(np.float64), ref_state, True)
+        ref_state = {**ref_state, **updates}
+        np.testing.assert_allclose(y_ours, y_ref, err_msg=f"step {step} output vs reference", **_ref_tol(case))
+        _assert_states_close(h.state(ours), h.state(native), tol, f"step {step} vs native")
+        for name, value in updates.items():
+            np.testing.assert_allclose(h.state(ours)[name], value, err_msg=f"step {step} {name} vs reference", **_ref_tol(case))
+
+
+def _ref_tol(case: LayerCase) -> dict[str, float]:
+    return dict(rtol=1e-7, atol=1e-8) if case.dtype == "float64" else dict(rtol=2e-4, atol=2e-4)
+
+
+def check_eval(h: Harness, case: LayerCase) -> None:
+    """Inference after a training step uses the running statistics, as the native layer does."""
+    ours, native = case.make_normkit(), case.make_native()
+    h.copy_state(native, ours)
+    x = _input(case, seed=10)
+    h.forward(native, x, training=True)
+    h.forward(ours, x, training=True)
+    x2 = _input(case, seed=11)
+    y_native = h.forward(native, x2, training=False)
+    y_ours = h.forward(ours, x2, training=False)
+    np.testing.assert_allclose(y_ours, y_native, **tolerance(case.dtype))
+    y_ref, _ = case.reference(x2.astype(np.float64), {k: v.astype(np.float64) for k, v in h.state(ours).items()}, False)
+    np.testing.assert_allclose(y_ours, y_ref, **_ref_tol(case))
+    _assert_states_close(h.state(ours), h.state(native), tolerance(case.dtype), "eval leaves statistics")
+
+
+def check_gradients(h: Harness, case: LayerCase) -> None:
+    """Input and weight gradients in training mode equal the native layer's."""
+    ours, native = case.make_normkit(), case.make_native()
+    h.copy_state(native, ours)
+    x = _input(case, seed=20)
+    upstream = np.random.default_rng(21).standard_normal(x.shape).astype(case.dtype)
+    dx_native, dw_native = h.gradients(native, x, upstream)
+    dx_ours, dw_ours = h.gradients(ours, x, upstream)
+    tol = tolerance(case.dtype)
+    if case.dtype == "float32":
+        tol = dict(rtol=1e-3, atol=1e-4)  # the input gradient sums N*H*W terms twice over
+    np.testing.assert_allclose(dx_ours, dx_native, err_msg="input gradient", **tol)
+    assert sorted(dw_ours) == sorted(dw_native)
+    for name in dw_native:
+        np.testing.assert_allclose(dw_ours[name], dw_native[name], err_msg=f"gradient of {name}", **tol)
+
+
+def check_roundtrip(h: Harness, case: LayerCase) -> None:
+    """After a training step, the framework's save/load gives back the same statistics and outputs."""
+    ours = case.make_normkit()
+    x = _input(case, seed=30)
+    h.forward(ours, x, training=True)
+    again = h.roundtrip(ours)
+    assert type(again) is type(ours), f"round trip gave {type(again).__name__}, not {type(ours).__name__}"
+    _assert_states_close(h.state(again), h.state(ours), dict(rtol=0, atol=0), "after round trip")
+    np.testing.assert_allclose(h.forward(again, x, training=False), h.forward(ours, x, training=False), rtol=0, atol=0)
+
+
+CHECKS: dict[str, Callable[[Harness, LayerCase], None]] = {
+    "state_names": check_state_names,
+    "train_steps": check_train_steps,
+    "eval": check_eval,
+    "gradients": check_gradients,
+    "roundtrip": check_roundtrip,
+}

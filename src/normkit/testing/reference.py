@@ -1,0 +1,112 @@
+"""Plain float64 NumPy references, written to be read at a glance. Not fast, not clever: the definition."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm", "standardize", "min_max_scale"]
+
+
+def _other_axes(ndim: int, axis: int) -> tuple[int, ...]:
+    return tuple(i for i in range(ndim) if i != axis % ndim)
+
+
+def _per_feature(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    shape = [1] * ndim
+    shape[axis % ndim] = -1
+    return np.reshape(v, shape)
+
+
+def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, *, training=False,
+               momentum=0.1, eps=1e-5, axis=1, correction=1, mask=None):
+    """Returns (y, new_running_mean, new_running_var), all float64."""
+    x = np.asarray(x, np.float64)
+    axes = _other_axes(x.ndim, axis)
+    if training:
+        if mask is None:
+            mean = x.mean(axis=axes)
+            var = x.var(axis=axes)
+            n = x.size // x.shape[axis % x.ndim]
+        else:
+            m = np.broadcast_to(np.expand_dims(np.asarray(mask, np.float64), axis % x.ndim), x.shape)
+            n = m.sum(axis=axes)
+            mean = (x * m).sum(axis=axes) / n
+            var = (((x - _per_feature(mean, x.ndim, axis)) ** 2) * m).sum(axis=axes) / n
+        if running_mean is not None:
+            unbiased = var * n / (n - correction)
+            running_mean = (1 - momentum) * np.asarray(running_mean, np.float64) + momentum * mean
+            running_var = (1 - momentum) * np.asarray(running_var, np.float64) + momentum * unbiased
+    else:
+        mean, var = np.asarray(running_mean, np.float64), np.asarray(running_var, np.float64)
+    y = (x - _per_feature(mean, x.ndim, axis)) / np.sqrt(_per_feature(var, x.ndim, axis) + eps)
+    if weight is not None:
+        y = y * _per_feature(np.asarray(weight, np.float64), x.ndim, axis)
+    if bias is not None:
+        y = y + _per_feature(np.asarray(bias, np.float64), x.ndim, axis)
+    return y, running_mean, running_var
+
+
+def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5):
+    """Normalize over ``axis`` (int or tuple) per sample; weight/bias shaped like x along axis."""
+    x = np.asarray(x, np.float64)
+    axes = tuple(a % x.ndim for a in np.atleast_1d(axis))
+    mean = x.mean(axis=axes, keepdims=True)
+    var = x.var(axis=axes, keepdims=True)
+    y = (x - mean) / np.sqrt(var + eps)
+    shape = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
+    if weight is not None:
+        y = y * np.reshape(np.asarray(weight, np.float64), shape)
+    if bias is not None:
+        y = y + np.reshape(np.asarray(bias, np.float64), shape)
+    return y
+
+
+def group_norm(x, num_groups, weight=None, bias=None, *, axis=1, eps=1e-5):
+    """Per sample and group of consecutive channels along ``axis``."""
+    x = np.asarray(x, np.float64)
+    c_axis = axis % x.ndim
+    xm = np.moveaxis(x, c_axis, 1)
+    n, c = xm.shape[:2]
+    g = xm.reshape(n, num_groups, -1)
+    y = (g - g.mean(axis=2, keepdims=True)) / np.sqrt(g.var(axis=2, keepdims=True) + eps)
+    y = np.moveaxis(y.reshape(xm.shape), 1, c_axis)
+    if weight is not None:
+        y = y * _per_feature(np.asarray(weight, np.float64), x.ndim, c_axis)
+    if bias is not None:
+        y = y + _per_feature(np.asarray(bias, np.float64), x.ndim, c_axis)
+    return y
+
+
+def instance_norm(x, weight=None, bias=None, *, axis=1, eps=1e-5):
+    """Group norm with one channel per group."""
+    x = np.asarray(x, np.float64)
+    return group_norm(x, x.shape[axis % x.ndim], weight, bias, axis=axis, eps=eps)
+
+
+def rms_norm(x, weight=None, *, axis=-1, eps=1e-6):
+    """x / sqrt(mean(x**2) + eps) * weight over ``axis``."""
+    x = np.asarray(x, np.float64)
+    axes = tuple(a % x.ndim for a in np.atleast_1d(axis))
+    y = x / np.sqrt((x**2).mean(axis=axes, keepdims=True) + eps)
+    if weight is not None:
+        shape = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
+        y = y * np.reshape(np.asarray(weight, np.float64), shape)
+    return y
+
+
+def standardize(x, *, axis=-1):
+    """(x - mean) / population std per feature; a constant feature gives 0."""
+    x = np.asarray(x, np.float64)
+    axes = _other_axes(x.ndim, axis) if axis is not None else None
+    std = x.std(axis=axes, keepdims=True)
+    return (x - x.mean(axis=axes, keepdims=True)) / np.where(std == 0, 1.0, std)
+
+
+def min_max_scale(x, *, axis=-1, feature_range=(0.0, 1.0)):
+    """lo + (x - min) / (max - min) * (hi - lo) per feature; a constant feature gives lo."""
+    x = np.asarray(x, np.float64)
+    axes = _other_axes(x.ndim, axis) if axis is not None else None
+    lo, hi = feature_range
+    mn, mx = x.min(axis=axes, keepdims=True), x.max(axis=axes, keepdims=True)
+    span = np.where(mx == mn, 1.0, mx - mn)
+    return lo + (x - mn) / span * (hi - lo)
