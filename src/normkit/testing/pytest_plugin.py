@@ -1,0 +1,107 @@
+"""Opt-in pytest plugin: ``pytest_plugins = ["normkit.testing.pytest_plugin"]``.
+
+Fixtures:
+- ``backend``: parametrized over every selected array backend (``--backends=numpy,torch,...``);
+- ``harness_case``: ``(harness, LayerCase)`` over every selected framework (``--frameworks=torch,keras``).
+A named backend or framework that cannot be loaded fails the run instead of being skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from normkit.testing.backends import Backend, BackendSpec
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("normkit")
+    group.addoption("--backends", default="default",
+                    help="comma-separated array backends of the matrix; 'default' = every default backend, "
+                         "'none' = no array-matrix tests (e.g. a Keras-only run)")
+    group.addoption("--frameworks", default="all",
+                    help="comma-separated frameworks whose layers run the conformance suite; 'all' or 'none'")
+
+
+def _specs() -> dict[str, BackendSpec]:
+    from normkit.plugin.manager import plugin_manager
+
+    specs: dict[str, BackendSpec] = {}
+    for answer in plugin_manager().hook.normkit_test_backends():
+        for item in answer:
+            spec = item if isinstance(item, BackendSpec) else BackendSpec(item.name, (lambda b=item: b))
+            if spec.name in specs:
+                raise pytest.UsageError(f"two plugins contribute a test backend named {spec.name!r}")
+            specs[spec.name] = spec
+    return specs
+
+
+def selected_backends(config: pytest.Config) -> list[str]:
+    """Backend names chosen by ``--backends``; unknown names are a usage error."""
+    value = config.getoption("--backends")
+    specs = _specs()
+    if value == "none":
+        return []
+    if value == "default":
+        return [name for name, spec in specs.items() if spec.default]
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in specs]
+    if unknown:
+        raise pytest.UsageError(f"--backends names unknown backends {unknown}; known: {sorted(specs)}")
+    return names
+
+
+def load_backend(name: str) -> Backend:
+    """Build (once) the backend ``name``; a missing library is a loud failure, never a skip."""
+    if name not in _BACKENDS:
+        spec = _specs()[name]
+        try:
+            _BACKENDS[name] = spec.make()
+        except ImportError as exc:
+            pytest.fail(f"backend {name!r} was requested but cannot be loaded: {exc}", pytrace=False)
+    return _BACKENDS[name]
+
+
+def selected_harnesses(config: pytest.Config) -> list[Any]:
+    """Harnesses of the frameworks chosen by ``--frameworks``."""
+    from normkit.plugin.manager import plugin_manager
+
+    value = config.getoption("--frameworks")
+    if value == "none":
+        return []
+    harnesses = [h for answer in plugin_manager().hook.normkit_test_harnesses() for h in answer]
+    by_name = {h.name: h for h in harnesses}
+    if value == "all":
+        return harnesses
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise pytest.UsageError(
+            f"--frameworks names {missing}, but no installed plugin provides them; installed: {sorted(by_name)}"
+        )
+    return [by_name[n] for n in names]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    selected_backends(config)  # validate early: unknown names stop the run before collection
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", selected_backends(metafunc.config), indirect=True)
+    if "harness_case" in metafunc.fixturenames:
+        params, ids = [], []
+        for harness in selected_harnesses(metafunc.config):
+            for case in harness.cases():
+                params.append((harness, case))
+                ids.append(f"{harness.name}-{case.id}")
+        metafunc.parametrize("harness_case", params, ids=ids)
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """The array backend of this test's parameter."""
+    return load_backend(request.param)
