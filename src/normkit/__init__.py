@@ -10,6 +10,9 @@ from normkit._namespace import array_namespace
 from normkit._preprocessing import min_max_scale, standardize
 from normkit.plugin.spec import hookimpl
 
+from normkit._namespace import warm_up as _warm_up
+
+_warm_up()
 __version__ = "0.1.0"
 
 __all__ = [

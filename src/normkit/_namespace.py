@@ -75,6 +75,32 @@ def _lookup(a: object) -> Any:
         ) from None
 
 
+def _direct(a: object) -> Any | None:
+    """The namespace of a torch, numpy or jax array without touching the cache (torch.compile-friendly)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(a, torch.Tensor):
+        return _torch_namespace(a)
+    return None
+
+
+def warm_up() -> None:
+    """Import the torch namespace now if torch is loaded, so a first call under torch.compile imports nothing."""
+    if "torch" in sys.modules:
+        import array_api_compat.torch  # noqa: F401
+
+
+def _cached(a: object) -> Any:
+    t = type(a)
+    xp = _CACHE.get(t)
+    if xp is None:
+        with _LOCK:
+            xp = _CACHE.get(t)
+            if xp is None:
+                xp = _lookup(a)
+                _CACHE[t] = xp
+    return xp
+
+
 def is_array(a: object) -> bool:
     """True for anything that has a shape and a dtype (Python scalars and sequences are not arrays)."""
     return hasattr(a, "shape") and hasattr(a, "dtype") and not isinstance(a, (int, float, bool))
@@ -91,14 +117,9 @@ def array_namespace(*named: tuple[str, Any]) -> Any:
     for name, value in named:
         if value is None or not is_array(value):
             continue
-        t = type(value)
-        xp = _CACHE.get(t)
+        xp = _direct(value)
         if xp is None:
-            with _LOCK:
-                xp = _CACHE.get(t)
-                if xp is None:
-                    xp = _lookup(value)
-                    _CACHE[t] = xp
+            xp = _cached(value)
         if found is None:
             found, first_name, first_value = xp, name, value
         elif xp is not found:

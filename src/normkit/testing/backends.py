@@ -89,16 +89,17 @@ def _is_array(v: Any) -> bool:
 
 
 def _jit_call(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-    """Trace ``fn`` with ``jax.jit``: arrays are traced, everything else is static."""
+    """Trace ``fn`` with ``jax.jit``: arrays (positional or keyword) are traced, everything else is static."""
     import jax
 
-    array_kwargs = {k: v for k, v in kwargs.items() if _is_array(v)}
-    static = {k: v for k, v in kwargs.items() if not _is_array(v)}
+    traced_pos = {i: a for i, a in enumerate(args) if _is_array(a)}
+    traced_kw = {k: v for k, v in kwargs.items() if _is_array(v)}
 
-    def traced(args: tuple, array_kwargs: dict) -> Any:
-        return fn(*args, **array_kwargs, **static)
+    def traced(pos: dict, kw: dict) -> Any:
+        full = tuple(pos[i] if i in pos else a for i, a in enumerate(args))
+        return fn(*full, **{**kwargs, **kw})
 
-    return jax.jit(traced)(args, array_kwargs)
+    return jax.jit(traced)(traced_pos, traced_kw)
 
 
 def _jax_jit() -> Backend:
