@@ -86,7 +86,10 @@ def selected_harnesses(config: pytest.Config) -> list[Any]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    selected_backends(config)  # validate early: unknown names stop the run before collection
+    # validate early: unknown names stop the run before collection
+    selected_backends(config)
+    if config.getoption("--frameworks") not in ("all", "none"):
+        selected_harnesses(config)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
