@@ -3,6 +3,7 @@
 The public functional API and ``hookimpl``; layers live in the plugins (normkit-torch, normkit-keras).
 """
 
+from normkit._backward import BatchNormGrads, batch_norm_backward
 from normkit._batch_norm import BatchNormResult, batch_norm
 from normkit._family import group_norm, instance_norm, layer_norm, rms_norm
 from normkit._moments import Moments, MomentsResult, moments
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "batch_norm",
     "BatchNormResult",
+    "batch_norm_backward", "BatchNormGrads",
     "layer_norm",
     "group_norm",
     "instance_norm",
