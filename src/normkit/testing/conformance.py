@@ -64,6 +64,15 @@ def tolerance(dtype: str) -> dict[str, float]:
     return {"float64": dict(rtol=1e-9, atol=1e-10), "float32": dict(rtol=1e-4, atol=1e-5)}[dtype]
 
 
+def _shifted(case: LayerCase, tol: dict[str, float]) -> dict[str, float]:
+    """``tol`` with atol widened on shifted data: an implementation that rounds the batch mean to the
+    dtype's spacing at ``data_offset`` before centering is off by up to about ``|data_offset| * eps``
+    after normalizing (torch's float32 BatchNorm2d: 3e-4 off the float64 reference at offset 1e4)."""
+    if case.data_offset:
+        tol = dict(tol, atol=max(tol["atol"], abs(case.data_offset) * float(np.finfo(case.dtype).eps)))
+    return tol
+
+
 def _input(case: LayerCase, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(case.input_shape) * 2.0 + 0.5 + case.data_offset
@@ -96,10 +105,10 @@ def check_train_steps(h: Harness, case: LayerCase) -> None:
         x = _input(case, seed=step)
         y_native = h.forward(native, x, training=True)
         y_ours = h.forward(ours, x, training=True)
-        np.testing.assert_allclose(y_ours, y_native, err_msg=f"step {step} output vs native", **tol)
+        np.testing.assert_allclose(y_ours, y_native, err_msg=f"step {step} output vs native", **_shifted(case, tol))
         y_ref, updates = case.reference(x.astype(np.float64), ref_state, True)
         ref_state = {**ref_state, **updates}
-        np.testing.assert_allclose(y_ours, y_ref, err_msg=f"step {step} output vs reference", **_ref_tol(case))
+        np.testing.assert_allclose(y_ours, y_ref, err_msg=f"step {step} output vs reference", **_shifted(case, _ref_tol(case)))
         _assert_states_close(h.state(ours), h.state(native), tol, f"step {step} vs native")
         for name, value in updates.items():
             np.testing.assert_allclose(h.state(ours)[name], value, err_msg=f"step {step} {name} vs reference", **_ref_tol(case))
