@@ -1,0 +1,77 @@
+"""normkit for PyTorch: drop-in replacements for torch.nn's normalization modules.
+
+    from normkit_torch import BatchNorm2d        # same arguments, defaults and state_dict as torch.nn's
+    model = normkit_torch.convert(model)         # swap every torch.nn norm module in a model
+    model = normkit_torch.to_torch(model)        # and back
+
+Every module computes through the normkit core (one Array API implementation for every library).
+Importing this package does not import torch: names are loaded on first use, so the normkit
+plugin host can read the entry point without paying for torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "BatchNorm": "_batchnorm",
+    "BatchNorm1d": "_batchnorm",
+    "BatchNorm2d": "_batchnorm",
+    "BatchNorm3d": "_batchnorm",
+    "LazyBatchNorm1d": "_batchnorm",
+    "LazyBatchNorm2d": "_batchnorm",
+    "LazyBatchNorm3d": "_batchnorm",
+    "InstanceNorm1d": "_instancenorm",
+    "InstanceNorm2d": "_instancenorm",
+    "InstanceNorm3d": "_instancenorm",
+    "LazyInstanceNorm1d": "_instancenorm",
+    "LazyInstanceNorm2d": "_instancenorm",
+    "LazyInstanceNorm3d": "_instancenorm",
+    "LayerNorm": "_normalization",
+    "GroupNorm": "_normalization",
+    "RMSNorm": "_normalization",
+    "Standardize": "_preprocessing",
+    "MinMaxScale": "_preprocessing",
+    "convert": "_convert",
+    "to_torch": "_convert",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from normkit_torch._batchnorm import (
+        BatchNorm,
+        BatchNorm1d,
+        BatchNorm2d,
+        BatchNorm3d,
+        LazyBatchNorm1d,
+        LazyBatchNorm2d,
+        LazyBatchNorm3d,
+    )
+    from normkit_torch._convert import convert, to_torch
+    from normkit_torch._instancenorm import (
+        InstanceNorm1d,
+        InstanceNorm2d,
+        InstanceNorm3d,
+        LazyInstanceNorm1d,
+        LazyInstanceNorm2d,
+        LazyInstanceNorm3d,
+    )
+    from normkit_torch._normalization import GroupNorm, LayerNorm, RMSNorm
+    from normkit_torch._preprocessing import MinMaxScale, Standardize
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'normkit_torch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"normkit_torch.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,144 @@
+"""Batch normalization modules: drop-ins for torch.nn.BatchNorm1d/2d/3d and their Lazy variants.
+
+Each class subclasses its torch.nn twin, so the constructor, defaults, parameters and buffers
+(names, shapes, dtypes, order), ``extra_repr``, ``reset_parameters``, ``reset_running_stats``,
+``_load_from_state_dict`` (checkpoints without ``num_batches_tracked``) and every
+``isinstance(m, nn.BatchNorm2d)`` / ``_BatchNorm`` check (``swa_utils.update_bn``, FSDP's
+mixed-precision rule, weight-decay filters) are torch's own. Only ``forward`` differs: it computes
+through the normkit core.
+
+training:  y = (x - mean_B) / sqrt(var_B + eps) * weight + bias   (var_B biased)
+           running_mean <- (1 - m) * running_mean + m * mean_B
+           running_var  <- (1 - m) * running_var + m * var_B * n / (n - 1)   (unbiased)
+           num_batches_tracked += 1; momentum=None: m = 1 / num_batches_tracked (cumulative average)
+inference: y = (x - running_mean) / sqrt(running_var + eps) * weight + bias
+           (batch statistics when the module has no running statistics)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from normkit_torch import _functional
+
+__all__ = [
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
+]
+
+
+def check_batch_size(input: Tensor) -> None:
+    """torch's ``_verify_batch_size``: training needs more than one value per channel."""
+    size = input.size()
+    count = size[0]
+    for d in size[2:]:
+        count = count * d
+    if count == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+
+
+def check_features(channels: int, **tensors: Optional[Tensor]) -> None:
+    """torch's kernel check: every per-channel tensor holds ``channels`` elements (first offender named)."""
+    for name, t in tensors.items():
+        if t is not None and t.numel() != channels:
+            raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
+
+
+class _NormkitBatchNorm:
+    """``forward`` of every normkit batch-norm module; the rest comes from the torch.nn class it is mixed into."""
+
+    def forward(self: Any, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        momentum: Any = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                if _functional.is_compiling():  # no float(tensor) in a graph: a 0-d tensor instead
+                    momentum = 1.0 / self.num_batches_tracked.to(self.running_mean.dtype)
+                else:
+                    momentum = 1.0 / float(self.num_batches_tracked)
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        use_buffers = not self.training or self.track_running_stats
+        running_mean = self.running_mean if use_buffers else None
+        running_var = self.running_var if use_buffers else None
+        return _batch_norm(
+            input, running_mean, running_var, self.weight, self.bias, batch_stats, momentum, self.eps
+        )
+
+
+def _batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: Any,
+    eps: float,
+) -> Tensor:
+    """``F.batch_norm``'s contract: validate as torch does, compute through normkit, update the buffers in place."""
+    if training:
+        check_batch_size(input)
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    check_features(input.shape[1], running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    if not training:
+        return _functional.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
+    output, mean, var = _functional.batch_norm_train(input, weight, bias, eps, 1)
+    if running_mean is not None and running_var is not None:
+        count = input.numel() // input.shape[1] if input.shape[1] else 0
+        _functional.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    return output
+
+
+class BatchNorm1d(_NormkitBatchNorm, nn.BatchNorm1d):
+    """Drop-in for ``torch.nn.BatchNorm1d``: input ``(N, C)`` or ``(N, C, L)``; statistics over all but C."""
+
+
+class BatchNorm2d(_NormkitBatchNorm, nn.BatchNorm2d):
+    """Drop-in for ``torch.nn.BatchNorm2d``: input ``(N, C, H, W)``, any memory format (channels_last is kept)."""
+
+
+class BatchNorm3d(_NormkitBatchNorm, nn.BatchNorm3d):
+    """Drop-in for ``torch.nn.BatchNorm3d``: input ``(N, C, D, H, W)``."""
+
+
+class BatchNorm(_NormkitBatchNorm, _BatchNorm):
+    """Batch norm over input of any rank >= 2 (channels on axis 1), with BatchNorm1d's arguments.
+
+    ``normkit_torch.convert`` turns a ``torch.nn.SyncBatchNorm`` into this module. It computes
+    the statistics of the local batch only: it does not synchronize them across processes.
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
+class LazyBatchNorm1d(_NormkitBatchNorm, nn.LazyBatchNorm1d):
+    """Drop-in for ``torch.nn.LazyBatchNorm1d``: ``num_features`` from the first input; becomes BatchNorm1d."""
+
+    cls_to_become = BatchNorm1d  # type: ignore[assignment]
+
+
+class LazyBatchNorm2d(_NormkitBatchNorm, nn.LazyBatchNorm2d):
+    """Drop-in for ``torch.nn.LazyBatchNorm2d``: ``num_features`` from the first input; becomes BatchNorm2d."""
+
+    cls_to_become = BatchNorm2d  # type: ignore[assignment]
+
+
+class LazyBatchNorm3d(_NormkitBatchNorm, nn.LazyBatchNorm3d):
+    """Drop-in for ``torch.nn.LazyBatchNorm3d``: ``num_features`` from the first input; becomes BatchNorm3d."""
+
+    cls_to_become = BatchNorm3d  # type: ignore[assignment]

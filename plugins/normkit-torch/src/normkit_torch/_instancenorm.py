@@ -1,0 +1,121 @@
+"""Instance normalization modules: drop-ins for torch.nn.InstanceNorm1d/2d/3d and their Lazy variants.
+
+y = (x - mean) / sqrt(var + eps) * weight + bias, moments per sample and channel over the spatial
+axes (var biased). torch's quirks are kept: ``affine=False`` and ``track_running_stats=False`` by
+default (the Lazy variants default to True for both); unbatched input is accepted; with running
+statistics, training updates them with the batch average of the per-instance mean and *unbiased*
+variance; ``momentum=None`` means no update; ``num_batches_tracked`` never counts.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from normkit_torch import _functional
+
+__all__ = [
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LazyInstanceNorm1d",
+    "LazyInstanceNorm2d",
+    "LazyInstanceNorm3d",
+]
+
+
+def check_spatial_size(input: Tensor) -> None:
+    """torch's ``_verify_spatial_size``: statistics over one spatial element are undefined."""
+    size = input.size()
+    count = 1
+    for d in size[2:]:
+        count = count * d
+    if count == 1:
+        raise ValueError(f"Expected more than 1 spatial element when training, got input size {size}")
+
+
+class _NormkitInstanceNorm:
+    """``forward`` of every normkit instance-norm module; the rest is the torch.nn class it is mixed into."""
+
+    _unbatched_rank: int  # rank of an input without its batch axis
+
+    def forward(self: Any, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        feature_dim = input.dim() - self._unbatched_rank
+        if input.size(feature_dim) != self.num_features:
+            if self.affine:
+                raise ValueError(
+                    f"expected input's size at dim={feature_dim} to match num_features"
+                    f" ({self.num_features}), but got: {input.size(feature_dim)}."
+                )
+            warnings.warn(
+                f"input's size at dim={feature_dim} does not match num_features. "
+                "You can silence this warning by not passing in num_features, "
+                "which is not used because affine=False",
+                stacklevel=2,
+            )
+        if input.dim() == self._unbatched_rank:
+            return self._instance_norm(input.unsqueeze(0)).squeeze(0)
+        return self._instance_norm(input)
+
+    def _instance_norm(self: Any, input: Tensor) -> Tensor:
+        use_input_stats = self.training or not self.track_running_stats
+        if use_input_stats:
+            check_spatial_size(input)
+        batch, channels = input.shape[0], input.shape[1]
+        for name in ("running_mean", "running_var", "weight", "bias"):
+            t = getattr(self, name)
+            if t is not None and t.numel() != channels:  # torch repeats the stats once per sample
+                raise RuntimeError(f"{name} should contain {batch * channels} elements not {batch * t.numel()}")
+        momentum = self.momentum if self.momentum is not None else 0.0
+        output, new_mean, new_var = _functional.instance_norm(
+            input, self.running_mean, self.running_var, self.weight, self.bias,
+            use_input_stats, momentum, self.eps,
+        )
+        if use_input_stats and self.running_mean is not None and new_mean is not None:
+            with torch.no_grad():
+                self.running_mean.copy_(new_mean)
+                self.running_var.copy_(new_var)
+        return output
+
+
+class InstanceNorm1d(_NormkitInstanceNorm, nn.InstanceNorm1d):
+    """Drop-in for ``torch.nn.InstanceNorm1d``: input ``(N, C, L)`` or unbatched ``(C, L)``."""
+
+    _unbatched_rank = 2
+
+
+class InstanceNorm2d(_NormkitInstanceNorm, nn.InstanceNorm2d):
+    """Drop-in for ``torch.nn.InstanceNorm2d``: input ``(N, C, H, W)`` or unbatched ``(C, H, W)``."""
+
+    _unbatched_rank = 3
+
+
+class InstanceNorm3d(_NormkitInstanceNorm, nn.InstanceNorm3d):
+    """Drop-in for ``torch.nn.InstanceNorm3d``: input ``(N, C, D, H, W)`` or unbatched ``(C, D, H, W)``."""
+
+    _unbatched_rank = 4
+
+
+class LazyInstanceNorm1d(_NormkitInstanceNorm, nn.LazyInstanceNorm1d):
+    """Drop-in for ``torch.nn.LazyInstanceNorm1d``; becomes InstanceNorm1d after the first input."""
+
+    _unbatched_rank = 2
+    cls_to_become = InstanceNorm1d  # type: ignore[assignment]
+
+
+class LazyInstanceNorm2d(_NormkitInstanceNorm, nn.LazyInstanceNorm2d):
+    """Drop-in for ``torch.nn.LazyInstanceNorm2d``; becomes InstanceNorm2d after the first input."""
+
+    _unbatched_rank = 3
+    cls_to_become = InstanceNorm2d  # type: ignore[assignment]
+
+
+class LazyInstanceNorm3d(_NormkitInstanceNorm, nn.LazyInstanceNorm3d):
+    """Drop-in for ``torch.nn.LazyInstanceNorm3d``; becomes InstanceNorm3d after the first input."""
+
+    _unbatched_rank = 4
+    cls_to_become = InstanceNorm3d  # type: ignore[assignment]

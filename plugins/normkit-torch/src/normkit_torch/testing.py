@@ -1,0 +1,260 @@
+"""normkit_torch's conformance harness: each normkit module against its torch.nn twin and the float64 reference.
+
+The shared suite (``normkit.testing.conformance.CHECKS``) runs over ``TorchHarness().cases()``;
+everything crossing this harness's edges is a NumPy array, named as torch's state_dict names it.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from normkit.testing import reference
+from normkit.testing.conformance import LayerCase
+from torch import nn
+
+import normkit_torch as nkt
+from normkit_torch._convert import constructor_kwargs
+
+__all__ = ["TorchHarness"]
+
+State = dict[str, np.ndarray]
+_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def _randomize_affine(module: nn.Module) -> nn.Module:
+    """Deterministic non-trivial weight and bias (the same on both twins), so affine bugs cannot hide."""
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            p = getattr(module, name, None)
+            if p is not None:
+                noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+                p.copy_((1.0 if name == "weight" else 0.0) + 0.5 * noise)
+    return module
+
+
+def _pair(ours: type, native: type, args: tuple, kwargs: dict, dtype: str, randomize: bool) -> tuple[Callable, Callable]:
+    def build(cls: type) -> Callable[[], nn.Module]:
+        def make() -> nn.Module:
+            m = cls(*args, **kwargs, dtype=_DTYPES[dtype])
+            return _randomize_affine(m) if randomize else m
+
+        return make
+
+    return build(ours), build(native)
+
+
+def _kwargs_id(kwargs: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in kwargs.items()) or "default"
+
+
+# --- float64 references under torch's state names --------------------------------------------------
+
+
+def _get(state: State, name: str) -> Optional[np.ndarray]:
+    return state.get(name)
+
+
+def _batch_norm_reference(momentum: Optional[float], eps: float, track: bool) -> Callable:
+    def ref(x: np.ndarray, state: State, training: bool) -> tuple[np.ndarray, State]:
+        w, b = _get(state, "weight"), _get(state, "bias")
+        if not track:  # no running statistics: batch statistics in both modes
+            y, _, _ = reference.batch_norm(x, None, None, w, b, training=True, eps=eps, axis=1)
+            return y, {}
+        if not training:
+            y, _, _ = reference.batch_norm(x, state["running_mean"], state["running_var"], w, b,
+                                           training=False, eps=eps, axis=1)
+            return y, {}
+        nbt = float(state["num_batches_tracked"]) + 1.0
+        m = 1.0 / nbt if momentum is None else momentum
+        y, rm, rv = reference.batch_norm(x, state["running_mean"], state["running_var"], w, b,
+                                         training=True, momentum=m, eps=eps, axis=1, correction=1)
+        return y, {"running_mean": rm, "running_var": rv, "num_batches_tracked": np.asarray(nbt)}
+
+    return ref
+
+
+def _instance_norm_reference(momentum: Optional[float], eps: float, track: bool) -> Callable:
+    def ref(x: np.ndarray, state: State, training: bool) -> tuple[np.ndarray, State]:
+        w, b = _get(state, "weight"), _get(state, "bias")
+        if track and not training:  # inference with the running statistics
+            y, _, _ = reference.batch_norm(x, state["running_mean"], state["running_var"], w, b,
+                                           training=False, eps=eps, axis=1)
+            return y, {}
+        y = reference.instance_norm(x, w, b, axis=1, eps=eps)
+        if not track:
+            return y, {}
+        spatial = tuple(range(2, x.ndim))
+        mean = x.mean(axis=spatial).mean(axis=0)
+        unbiased = x.var(axis=spatial, ddof=1).mean(axis=0)
+        m = 0.0 if momentum is None else momentum
+        return y, {
+            "running_mean": (1 - m) * state["running_mean"] + m * mean,
+            "running_var": (1 - m) * state["running_var"] + m * unbiased,
+        }
+
+    return ref
+
+
+def _layer_norm_reference(ndim: int, eps: float) -> Callable:
+    def ref(x: np.ndarray, state: State, training: bool) -> tuple[np.ndarray, State]:
+        axes = tuple(range(-ndim, 0))
+        return reference.layer_norm(x, _get(state, "weight"), _get(state, "bias"), axis=axes, eps=eps), {}
+
+    return ref
+
+
+def _group_norm_reference(groups: int, eps: float) -> Callable:
+    def ref(x: np.ndarray, state: State, training: bool) -> tuple[np.ndarray, State]:
+        return reference.group_norm(x, groups, _get(state, "weight"), _get(state, "bias"), axis=1, eps=eps), {}
+
+    return ref
+
+
+def _rms_norm_reference(ndim: int, eps: Optional[float], dtype: str) -> Callable:
+    eps_value = float(np.finfo(dtype).eps) if eps is None else eps  # eps=None: the dtype's machine epsilon
+
+    def ref(x: np.ndarray, state: State, training: bool) -> tuple[np.ndarray, State]:
+        axes = tuple(range(-ndim, 0))
+        return reference.rms_norm(x, _get(state, "weight"), axis=axes, eps=eps_value), {}
+
+    return ref
+
+
+# --- cases ----------------------------------------------------------------------------------------
+
+_BN = {1: (nkt.BatchNorm1d, nn.BatchNorm1d), 2: (nkt.BatchNorm2d, nn.BatchNorm2d), 3: (nkt.BatchNorm3d, nn.BatchNorm3d)}
+_IN = {1: (nkt.InstanceNorm1d, nn.InstanceNorm1d), 2: (nkt.InstanceNorm2d, nn.InstanceNorm2d)}
+
+# (rank, input shape, options, dtype, data_offset, randomized weights)
+_BN_CASES: list[tuple[int, tuple[int, ...], dict, str, float, bool]] = [
+    (1, (8, 5), {}, "float64", 0.0, True),
+    (1, (8, 5), {"affine": False}, "float64", 0.0, False),
+    (1, (8, 5), {"bias": False}, "float64", 0.0, True),
+    (1, (8, 5), {"track_running_stats": False}, "float64", 0.0, True),
+    (1, (8, 5), {"momentum": None}, "float64", 0.0, False),
+    (1, (8, 5, 7), {}, "float64", 0.0, True),
+    (1, (8, 5, 7), {"momentum": None, "affine": False}, "float64", 0.0, False),
+    (2, (4, 3, 5, 6), {}, "float64", 0.0, False),
+    (2, (4, 3, 5, 6), {"eps": 1e-3, "momentum": 0.3}, "float64", 0.0, True),
+    (2, (4, 3, 5, 6), {"affine": False}, "float64", 0.0, False),
+    (2, (4, 3, 5, 6), {"bias": False}, "float64", 0.0, True),
+    (2, (4, 3, 5, 6), {"track_running_stats": False}, "float64", 0.0, True),
+    (2, (4, 3, 5, 6), {"momentum": None}, "float64", 0.0, True),
+    (2, (4, 3, 5, 6), {}, "float32", 0.0, True),
+    (2, (4, 3, 5, 6), {}, "float32", 1e4, False),
+    (3, (2, 3, 4, 5, 6), {}, "float64", 0.0, True),
+    (3, (2, 3, 4, 5, 6), {"track_running_stats": False, "affine": False}, "float64", 0.0, False),
+]
+
+# (rank, input shape, options, randomized weights)
+_IN_CASES: list[tuple[int, tuple[int, ...], dict, bool]] = [
+    (1, (4, 3, 7), {}, False),
+    (1, (4, 3, 7), {"affine": True, "track_running_stats": True}, True),
+    (2, (2, 3, 5, 6), {}, False),
+    (2, (2, 3, 5, 6), {"affine": True}, True),
+    (2, (2, 3, 5, 6), {"track_running_stats": True}, False),
+    (2, (2, 3, 5, 6), {"affine": True, "track_running_stats": True, "momentum": None}, True),
+]
+
+
+def _bn_cases() -> list[LayerCase]:
+    cases = []
+    for rank, shape, opts, dtype, offset, randomize in _BN_CASES:
+        ours, native = _BN[rank]
+        make_ours, make_native = _pair(ours, native, (shape[1],), opts, dtype, randomize)
+        eps = opts.get("eps", 1e-5)
+        momentum = opts.get("momentum", 0.1)
+        track = opts.get("track_running_stats", True)
+        suffix = f"-offset={offset:g}" if offset else ""
+        cases.append(LayerCase(
+            id=f"{ours.__name__}-{'x'.join(map(str, shape))}-{_kwargs_id(opts)}-{dtype}{suffix}",
+            make_normkit=make_ours, make_native=make_native, input_shape=shape,
+            reference=_batch_norm_reference(momentum, eps, track), dtype=dtype, data_offset=offset,
+        ))
+    return cases
+
+
+def _in_cases() -> list[LayerCase]:
+    cases = []
+    for rank, shape, opts, randomize in _IN_CASES:
+        ours, native = _IN[rank]
+        make_ours, make_native = _pair(ours, native, (shape[1],), opts, "float64", randomize)
+        cases.append(LayerCase(
+            id=f"{ours.__name__}-{'x'.join(map(str, shape))}-{_kwargs_id(opts)}-float64",
+            make_normkit=make_ours, make_native=make_native, input_shape=shape,
+            reference=_instance_norm_reference(opts.get("momentum", 0.1), 1e-5, opts.get("track_running_stats", False)),
+        ))
+    return cases
+
+
+def _family_cases() -> list[LayerCase]:
+    cases = []
+    specs: list[tuple[type, type, tuple, dict, tuple, str, Callable]] = [
+        (nkt.LayerNorm, nn.LayerNorm, ((6,),), {}, (4, 5, 6), "float64", _layer_norm_reference(1, 1e-5)),
+        (nkt.LayerNorm, nn.LayerNorm, ((5, 6),), {"eps": 1e-3}, (4, 5, 6), "float64", _layer_norm_reference(2, 1e-3)),
+        (nkt.LayerNorm, nn.LayerNorm, ((6,),), {"bias": False}, (4, 5, 6), "float64", _layer_norm_reference(1, 1e-5)),
+        (nkt.LayerNorm, nn.LayerNorm, ((6,),), {"elementwise_affine": False}, (4, 5, 6), "float32",
+         _layer_norm_reference(1, 1e-5)),
+        (nkt.GroupNorm, nn.GroupNorm, (3, 6), {}, (4, 6, 5), "float64", _group_norm_reference(3, 1e-5)),
+        (nkt.GroupNorm, nn.GroupNorm, (2, 6), {"affine": False}, (2, 6, 4, 5), "float64", _group_norm_reference(2, 1e-5)),
+        (nkt.RMSNorm, nn.RMSNorm, ((6,),), {}, (4, 5, 6), "float64", _rms_norm_reference(1, None, "float64")),
+        (nkt.RMSNorm, nn.RMSNorm, ((5, 6),), {"eps": 1e-6, "elementwise_affine": False}, (4, 5, 6), "float64",
+         _rms_norm_reference(2, 1e-6, "float64")),
+    ]
+    for ours, native, args, opts, shape, dtype, ref in specs:
+        randomize = bool(opts.get("affine", opts.get("elementwise_affine", True)))
+        make_ours, make_native = _pair(ours, native, args, opts, dtype, randomize)
+        arg_id = "-".join(str(a) for a in args)
+        cases.append(LayerCase(
+            id=f"{ours.__name__}-{arg_id}-{'x'.join(map(str, shape))}-{_kwargs_id(opts)}-{dtype}",
+            make_normkit=make_ours, make_native=make_native, input_shape=shape, reference=ref, dtype=dtype,
+        ))
+    return cases
+
+
+class TorchHarness:
+    """The ``normkit.testing.conformance.Harness`` of normkit_torch; NumPy in, NumPy out."""
+
+    name = "torch"
+
+    def cases(self) -> list[LayerCase]:
+        return _bn_cases() + _in_cases() + _family_cases()
+
+    def copy_state(self, src: nn.Module, dst: nn.Module) -> None:
+        dst.load_state_dict(src.state_dict(), strict=True)
+
+    def forward(self, layer: nn.Module, x: np.ndarray, training: bool) -> np.ndarray:
+        layer.train(training)
+        with torch.no_grad():
+            return layer(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+
+    def gradients(self, layer: nn.Module, x: np.ndarray, upstream: np.ndarray) -> tuple[np.ndarray, State]:
+        layer.train(True)
+        layer.zero_grad(set_to_none=True)
+        xt = torch.tensor(x, requires_grad=True)
+        (layer(xt) * torch.from_numpy(upstream)).sum().backward()
+        grads = {name: p.grad.numpy() for name, p in layer.named_parameters() if p.grad is not None}
+        return xt.grad.numpy(), grads
+
+    def state(self, layer: nn.Module) -> State:
+        return {name: t.detach().cpu().numpy() for name, t in layer.state_dict().items()}
+
+    def roundtrip(self, layer: nn.Module) -> nn.Module:
+        buffer = io.BytesIO()
+        torch.save(layer.state_dict(), buffer)
+        buffer.seek(0)
+        state = torch.load(buffer, weights_only=True)
+        fresh = type(layer)(**constructor_kwargs(layer), dtype=_float_dtype(layer))
+        fresh.load_state_dict(state, strict=True)
+        return fresh.train(layer.training)
+
+
+def _float_dtype(layer: nn.Module) -> Any:
+    for t in list(layer.parameters()) + list(layer.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
