@@ -255,3 +255,21 @@ def test_torch_function_single_value_error():
     ag = _autograd_module()
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
         ag.batch_norm_train(torch.ones(1, 3), None, None, 1e-5, 1)
+
+
+@pytest.mark.parametrize("loc", [0.0, 1e4])
+def test_numpy_long_runs_forward(loc):
+    """NCHW-like numpy input (runs of >= 256 values per feature) takes the vecdot variance; same answers."""
+    from normkit.testing import reference
+
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((6, 3, 16, 20)) * 2 + loc).astype(np.float32)
+    w, b = rng.uniform(0.5, 1.5, 3).astype(np.float32), rng.standard_normal(3).astype(np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    before = x.copy()
+    out = nk.batch_norm(x, rm, rv, w, b, training=True, momentum=0.5)
+    want = reference.batch_norm(x.astype(np.float64), rm, rv, w, b, training=True, momentum=0.5)
+    np.testing.assert_array_equal(x, before)
+    np.testing.assert_allclose(out.output, want[0], rtol=1e-3, atol=2e-3)
+    np.testing.assert_allclose(out.running_mean, want[1], rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(out.running_var, want[2], rtol=1e-3)
