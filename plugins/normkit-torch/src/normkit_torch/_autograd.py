@@ -101,9 +101,12 @@ def _sums_for_backward(dy, x, mean, dims, f):
 
 def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, f: int) -> torch.Tensor:
     """x * scale + shift (per-channel scale, shift) in the fewest passes for x's memory layout."""
+    # the output is allocated like x: letting a broadcasting op pick its layout can choose strides
+    # that make the write several times slower (seen on NCHW with a (1, C, 1, 1) operand)
+    y = torch.empty_like(x)
     if x.stride(f) == 1:  # channels innermost: a vectorized ternary op
-        return torch.addcmul(shift, x, scale)
-    y = torch.mul(x, scale)
+        return torch.addcmul(shift, x, scale, out=y)
+    torch.mul(x, scale, out=y)
     return y.add_(shift)
 
 
@@ -153,10 +156,7 @@ class BatchNormTrain(torch.autograd.Function):
             k = inv if weight is None else inv * weight.to(inv.dtype).view(bshape)
             b = k * inv * inv * dot * (-1.0 / n)
             c = -(k * sum_dy) / n - b * mean.view(bshape)
-            if xc.stride(f) == 1:
-                grad_x = torch.addcmul(c, xc, b).addcmul_(dyc, k)
-            else:
-                grad_x = torch.mul(dyc, k).add_(c).addcmul_(xc, b)
+            grad_x = _affine(xc, b, c, f).addcmul_(dyc, k)
             if grad_x.dtype != x.dtype:
                 grad_x = grad_x.to(x.dtype)
         if need_w and weight is not None:

@@ -79,7 +79,7 @@ class _NormkitInstanceNorm:
             with torch.no_grad():
                 self.running_mean.copy_(new_mean)
                 self.running_var.copy_(new_var)
-        return output
+        return output.contiguous()  # torch's instance norm returns a contiguous tensor, whatever the input layout
 
 
 class InstanceNorm1d(_NormkitInstanceNorm, nn.InstanceNorm1d):
