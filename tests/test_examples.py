@@ -1,0 +1,107 @@
+"""Every example runs (``main(["--fast", "--out", tmp])``), writes its figures, and its numbers support
+the claim it illustrates as far as a few steps can show it."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+pytestmark = pytest.mark.slow  # end-to-end runs; ~2 minutes for the whole file
+
+NAMES = ["feature_scaling", "per_feature_map", "every_library", "lr_sweep", "keras_seed_models", "tour"]
+
+
+def run(name: str, out: Path) -> dict:
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    module = importlib.import_module(name)
+    results = module.main(["--fast", "--out", str(out)])
+    assert isinstance(results, dict)
+    assert results["figures"], f"{name} wrote no figure"
+    for figure in results["figures"]:
+        path = Path(figure)
+        assert path.parent == out, f"{name} wrote {path} outside --out {out}"
+        assert path.suffix == ".png" and path.is_file() and path.stat().st_size > 5_000, path
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    return results
+
+
+def test_every_example_is_covered():
+    scripts = {p.stem for p in EXAMPLES.glob("*.py") if not p.stem.startswith("_")}
+    assert scripts == set(NAMES)
+
+
+def test_feature_scaling(tmp_path):
+    r = run("feature_scaling", tmp_path)
+    raw, mm, z = r["unscaled"], r["min-max"], r["z-score"]
+    assert z["final_loss"] < mm["final_loss"] < raw["final_loss"]
+    assert z["test_mse"] < raw["test_mse"] / 10
+    assert z["final_loss"] < 2 * 16.0  # near the noise floor (std 4 $/day) in 40 steps
+    assert abs(z["per_year"] - (-2.0)) < 0.2  # z-scored: the age effect is found
+    assert abs(raw["per_year"]) < 0.2  # unscaled: the age weight hardly moves
+    assert r["module_vs_function_max_abs_diff"] < 1e-5
+
+
+def test_per_feature_map(tmp_path):
+    r = run("per_feature_map", tmp_path)
+    assert r["n_stats_per_map"] == r["channels"] == 8
+    assert r["n_stats_per_pixel"] == r["pixels"] == 8 * 8 * 8
+    assert r["quiet_pixels"] > 0
+    assert r["max_abs_per_pixel"] > 1.5 * r["max_abs_per_map"]
+    spread = r["mean_map_spread"]
+    assert spread["per pixel"] < 1e-4 < 0.05 < spread["per feature map"]
+    assert r["mean_map_correlation_per_map"] > 0.999
+    assert r["batch16_error_per_pixel"] > 5 * r["batch16_error_per_map"]
+
+
+def test_every_library(tmp_path):
+    r = run("every_library", tmp_path)
+    assert set(r["max_abs_diff"]) == {"torch", "jax (jit)", "dask (computed)", "tensorflow"}
+    for lib, diff in r["max_abs_diff"].items():
+        assert diff <= 1e-5, lib
+    assert r["all_agree"]
+    assert r["dask_lazy"] and r["dask_tasks"] > 0
+    assert r["types"]["torch"] == "torch.Tensor"
+    assert r["types"]["tensorflow"].startswith("tensorflow")
+
+
+def test_lr_sweep(tmp_path):
+    r = run("lr_sweep", tmp_path)
+    assert r["lrs"] == [0.01, 0.1, 0.5, 1.0]
+    for key in ("bn", "plain"):
+        for lr in r["lrs"]:
+            assert 0.0 <= r[key][lr]["test_acc"] <= 1.0
+            assert len(r[key][lr]["loss"]) == r["epochs"]
+    # two epochs: batch norm is ahead at the small learning rates and has the best accuracy overall
+    assert r["bn"][0.01]["test_acc"] > r["plain"][0.01]["test_acc"] + 0.2
+    assert r["bn"][0.1]["test_acc"] > r["plain"][0.1]["test_acc"]
+    assert max(v["test_acc"] for v in r["bn"].values()) >= max(v["test_acc"] for v in r["plain"].values())
+
+
+def test_keras_seed_models(tmp_path):
+    r = run("keras_seed_models", tmp_path)
+    models = r["models"]
+    for name in ("dense", "conv"):
+        assert models[(name, "init_max_abs_diff")] < 1e-4  # same weights, same forward pass
+        for impl in ("normkit", "keras"):
+            m = models[(name, impl)]
+            assert 0.0 <= m["test_acc"] <= 1.0
+            assert m["epoch_s"] > 0 and m["first_epoch_s"] > 0
+            assert len(m["val_acc_per_epoch"]) == 2
+        # the drop-in trains like the native layer from the same start
+        assert abs(models[(name, "normkit")]["test_acc"] - models[(name, "keras")]["test_acc"]) <= 0.05
+
+
+def test_tour(tmp_path):
+    r = run("tour", tmp_path)
+    core = r["core"]
+    assert core["numpy_z_mean"] < 1e-5
+    assert all(abs(s - 1) < 1e-4 for s in core["numpy_z_std"] + core["torch_y_std"])
+    assert core["inputs_untouched"]
+    for name in NAMES[:-1]:
+        assert name in r and r[name]["figures"]
+    assert len(r["figures"]) == 5
