@@ -76,11 +76,9 @@ def ratio(res: dict, num: str, den: str) -> float:
 def part_torch(rounds: int) -> list[dict]:
     import torch
 
-    import normkit as nk
-
     torch.set_num_threads(1)
     sys.path.insert(0, str(HERE.parent / "plugins" / "normkit-torch" / "src"))
-    from normkit_torch._autograd import batch_norm_train
+    from normkit_torch._autograd import batch_norm_eval, batch_norm_train
 
     try:
         import normkit_torch
@@ -90,7 +88,7 @@ def part_torch(rounds: int) -> list[dict]:
         plugin_cls = None
 
     class FunctionBN(torch.nn.Module):
-        """torch.nn.BatchNorm*'s forward through batch_norm_train (this benchmark's stand-in module)."""
+        """torch.nn.BatchNorm*d's forward through _autograd.batch_norm_train / batch_norm_eval (stand-in module)."""
 
         def __init__(self, c):
             super().__init__()
@@ -103,8 +101,7 @@ def part_torch(rounds: int) -> list[dict]:
 
         def forward(self, x):
             if not self.training:
-                return nk.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                     training=False, eps=self.eps, axis=1).output
+                return batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps, 1)
             y, mean, var = batch_norm_train(x, self.weight, self.bias, self.eps, 1)
             n = x.numel() // x.shape[1]
             with torch.no_grad():
@@ -173,7 +170,7 @@ def part_torch(rounds: int) -> list[dict]:
             if k == "native":
                 continue
             rows.append(dict(
-                part="torch", config=name, impl={"function": "batch_norm_train", "plugin": "normkit_torch"}[k],
+                part="torch", config=name, impl={"function": "_autograd Function", "plugin": "normkit_torch module"}[k],
                 fwd=ratio(res, f"{k}/fwd", "native/fwd"), eval=ratio(res, f"{k}/eval", "native/eval"),
                 fb=ratio(res, f"{k}/fb", "native/fb"), mem=mem[k] / mem["native"],
                 ms=dict(fwd=res[f"{k}/fwd"][0] * 1e3, eval=res[f"{k}/eval"][0] * 1e3, fb=res[f"{k}/fb"][0] * 1e3),

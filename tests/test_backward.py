@@ -273,3 +273,26 @@ def test_numpy_long_runs_forward(loc):
     np.testing.assert_allclose(out.output, want[0], rtol=1e-3, atol=2e-3)
     np.testing.assert_allclose(out.running_mean, want[1], rtol=1e-6, atol=1e-5)
     np.testing.assert_allclose(out.running_var, want[2], rtol=1e-3)
+
+
+@pytest.mark.parametrize("layout", TORCH_LAYOUTS, ids=[lay[0] for lay in TORCH_LAYOUTS])
+def test_torch_eval_matches_native(layout):
+    import torch
+
+    ag = _autograd_module()
+    name, shape, axis = layout
+    x, dy, w, b = _data(shape, axis, seed=4)
+    c = shape[axis]
+    rm, rv = torch.linspace(-1, 1, c, dtype=torch.float64), torch.linspace(0.5, 2, c, dtype=torch.float64)
+    xt = torch.tensor(x)
+    if name == "conv2d_channels_last_memory":
+        xt = xt.contiguous(memory_format=torch.channels_last)
+    wt, bt = torch.tensor(w, requires_grad=True), torch.tensor(b)
+    ref = torch.movedim(torch.nn.functional.batch_norm(torch.movedim(xt, axis, 1), rm, rv, wt, bt, training=False, eps=EPS), 1, axis)
+    with torch.no_grad():
+        y = ag.batch_norm_eval(xt, rm, rv, wt, bt, EPS, axis)
+    torch.testing.assert_close(y, ref.detach(), rtol=1e-12, atol=1e-12)
+    y2 = ag.batch_norm_eval(xt, rm, rv, wt, bt, EPS, axis)  # differentiable when autograd is on
+    (g,) = torch.autograd.grad(y2, (wt,), torch.tensor(dy))
+    (gr,) = torch.autograd.grad(ref, (wt,), torch.tensor(dy))
+    torch.testing.assert_close(g, gr, rtol=1e-12, atol=1e-12)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from normkit._moments import raw_moments
 from normkit._namespace import array_namespace, stop_gradient
 from normkit._validate import as_param, compute_dtype, feature_axis, positive_eps, require_floating, static_count
@@ -99,8 +101,9 @@ def batch_norm(
         if count is not None and count <= 1 and not allow_single_value and mask is None:
             raise _single_value_error(x)
         weights = None if mask is None else _mask_weights(xp, mask, x, f)
-        if weights is None and count is not None and _long_inner_run(xp, x, f):
-            mean, var = _moments_by_vecdot(xp, xc, f, count)
+        fast = weights is None and count is not None and _numpy_kernel(xp, xc)
+        if fast:
+            mean, var = _numpy_moments(xc, f, count)
         else:
             mean, _, var = raw_moments(xp, xc, axes, weights)
         # one fused multiply-add per element: y = x * scale + shift (no full-size x - mean kept)
@@ -110,7 +113,11 @@ def batch_norm(
         shift = -mean * scale
         if b is not None:
             shift = shift + xp.reshape(b, bshape)
-        y = xc * scale + shift
+        if fast:  # the same multiply-add, the add in place on our own product
+            y = np.multiply(xc, scale)
+            np.add(y, shift, out=y)
+        else:
+            y = xc * scale + shift
         new_mean = new_var = None
         if (running_mean is None) != (running_var is None):
             raise ValueError("running_mean and running_var must be given together (or both None)")
@@ -148,7 +155,11 @@ def batch_norm(
     shift = -rm * scale
     if b is not None:
         shift = shift + b
-    y = xc * xp.reshape(scale, bshape) + xp.reshape(shift, bshape)
+    if _numpy_kernel(xp, xc):  # the add in place on our own product: one temporary fewer
+        y = np.multiply(xc, xp.reshape(scale, bshape))
+        np.add(y, xp.reshape(shift, bshape), out=y)
+    else:
+        y = xc * xp.reshape(scale, bshape) + xp.reshape(shift, bshape)
     out = y if y.dtype == x.dtype else xp.astype(y, x.dtype)
     return BatchNormResult(out, running_mean, running_var)
 
@@ -156,34 +167,36 @@ def batch_norm(
 _VECDOT_MIN_RUN = 256
 
 
-def _long_inner_run(xp: Any, x: Any, f: int) -> bool:
-    """numpy only, and only when each feature's values come in contiguous runs of >= 256 (NCHW images).
+def _numpy_kernel(xp: Any, x: Any) -> bool:
+    """True for a C-contiguous NumPy array: the training forward then runs ``_numpy_moments``."""
+    return getattr(xp, "__name__", "") == "array_api_compat.numpy" and type(x) is np.ndarray and x.flags.c_contiguous
 
-    There ``vecdot`` (a BLAS dot per run) sums the squared deviations without a full-size temporary,
-    about ten times faster than ``mean(c * c)``; for other layouts and libraries the generic path is
-    as fast or faster (XLA and torch fuse, and the dot would run along a strided axis).
+
+def _numpy_moments(xc: Any, f: int, count: int) -> tuple[Any, Any]:
+    """Shifted two-pass mean and biased variance (keepdims) for NumPy, with one full-size temporary.
+
+    x is viewed as (outer, C, run). ``s = x - first sample`` gives the mean (the shift keeps NumPy's
+    naive summation over a non-contiguous axis accurate); ``s -= mean(s)`` turns it into ``x - mean``
+    in place (our own temporary, never the input). With runs of >= 256 values per feature (NCHW
+    images) a BLAS dot per run (``vecdot``) sums the squares, about ten times faster than
+    ``mean(c * c)``; otherwise ``s`` is squared in place and summed.
     """
-    if getattr(xp, "__name__", "") != "array_api_compat.numpy" or not hasattr(xp, "vecdot"):
-        return False
-    run = 1
-    for d in x.shape[f + 1:]:
-        run *= int(d)
-    return run >= _VECDOT_MIN_RUN and x.flags.c_contiguous
-
-
-def _moments_by_vecdot(xp: Any, xc: Any, f: int, count: int) -> tuple[Any, Any]:
-    """Shifted two-pass mean and biased variance (keepdims) of a C-contiguous x viewed as (outer, C, run)."""
     outer = 1
     for d in xc.shape[:f]:
         outer *= int(d)
     c = int(xc.shape[f])
-    x3 = xp.reshape(xc, (outer, c, -1))
+    x3 = np.reshape(xc, (outer, c, -1))
     shift = x3[0:1, :, 0:1]
-    mean3 = shift + xp.mean(x3 - shift, axis=(0, 2), keepdims=True)
-    centered = x3 - mean3
-    var = xp.sum(xp.vecdot(centered, centered, axis=-1), axis=0) / count
+    s = np.subtract(x3, shift)
+    offset = np.mean(s, axis=(0, 2), keepdims=True)
+    np.subtract(s, offset, out=s)
+    if x3.shape[2] >= _VECDOT_MIN_RUN:
+        var = np.sum(np.vecdot(s, s, axis=-1), axis=0) / count
+    else:
+        np.multiply(s, s, out=s)
+        var = np.sum(s, axis=(0, 2)) / count
     bshape = _broadcast_shape(xc.ndim, f, c)
-    return xp.reshape(mean3, bshape), xp.reshape(var, bshape)
+    return np.reshape(shift + offset, bshape), np.reshape(var.astype(xc.dtype, copy=False), bshape)
 
 
 def _dynamic_count(xp: Any, xc: Any, f: int) -> Any:

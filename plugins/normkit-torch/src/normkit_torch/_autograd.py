@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["batch_norm_train", "BatchNormTrain"]
+__all__ = ["batch_norm_train", "batch_norm_eval", "BatchNormTrain"]
 
 _CHUNK = 1 << 18  # elements per scratch chunk (1 MiB of float32): stays in cache
 _ATEN_BWD = getattr(getattr(torch.ops, "aten", None), "native_batch_norm_backward", None)
@@ -177,3 +177,34 @@ def batch_norm_train(
     statistics (torch's running_var is unbiased: multiply by n / (n - 1)).
     """
     return BatchNormTrain.apply(x, weight, bias, float(eps), int(axis))
+
+
+def batch_norm_eval(
+    x: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    axis: int,
+) -> torch.Tensor:
+    """Inference batch norm: ``y = x * scale + shift`` with per-channel ``scale = weight / sqrt(running_var + eps)``.
+
+    One multiply-add over x into an output laid out like x (two passes on NCHW, where torch's
+    ternary ``addcmul`` is slower than ``mul`` then ``add_``). Differentiable when autograd needs it.
+    """
+    f, _, bshape, _ = _layout(x, axis)
+    dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    scale = torch.rsqrt(running_var.to(dtype) + eps)
+    if weight is not None:
+        scale = scale * weight.to(dtype)
+    shift = -running_mean.to(dtype) * scale
+    if bias is not None:
+        shift = shift + bias.to(dtype)
+    scale, shift = scale.view(bshape), shift.view(bshape)
+    xc = _compute(x)
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad):
+        y = torch.addcmul(shift, xc, scale)
+    else:
+        y = _affine(xc, scale, shift, f)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
