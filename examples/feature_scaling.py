@@ -99,8 +99,8 @@ def main(argv=None) -> dict:
         "z-score": (nk.standardize(x_train, axis=-1), None, stats.std.numpy()),
     }
     # Test features: scaled with what was fitted on the training set, through the torch modules.
-    standardizer = Standardize().fit(x_train)
-    minmax = MinMaxScale().fit(x_train)
+    standardizer = Standardize(2).fit(x_train)  # (num_features)
+    minmax = MinMaxScale(2).fit(x_train)
     z_test, mm_test = standardizer(x_test), minmax(x_test)
     z_check = nk.standardize(x_test, axis=-1, mean=stats.mean, std=stats.std)
     mm_check = nk.min_max_scale(x_test, axis=-1, data_min=stats.min, data_max=stats.max)
