@@ -100,6 +100,7 @@ def main(argv=None) -> dict:
     # figure: one digit through both, and the statistics behind them
     k = int(torch.argmax(quiet.sum(dim=(1, 2))))  # the channel with most quiet pixels
     i = int(torch.argmax(per_pixel[:, k].abs().amax(dim=(1, 2))))  # the digit that blows up most there
+    max_abs_k = float(max(per_map[i, k].abs().max(), per_pixel[i, k].abs().max()))
     fig, axes = plt.subplots(2, 4, figsize=(13, 6.5))
     panels = [
         (images[i], f"digit {labels[i]} (input)", "gray_r"),
@@ -111,13 +112,18 @@ def main(argv=None) -> dict:
         (per_map.mean(0)[k].numpy(), "average map, per feature map", "viridis"),
         (per_pixel.mean(0)[k].numpy(), "average map, per pixel (all 0)", "viridis"),
     ]
-    for ax, (img, title, cmap) in zip(axes.flat, panels):
-        im = ax.imshow(img, cmap=cmap)
+    avg = per_map.mean(0)[k]
+    same_scale = {2: (-max_abs_k, max_abs_k), 3: (-max_abs_k, max_abs_k),
+                  6: (float(avg.min()), float(avg.max())), 7: (float(avg.min()), float(avg.max()))}
+    for j, (ax, (img, title, cmap)) in enumerate(zip(axes.flat, panels)):
+        vmin, vmax = same_scale.get(j, (None, None))
+        im = ax.imshow(img, cmap=cmap, vmin=vmin, vmax=vmax)
         ax.set_title(title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
         fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle(f"Batch norm statistics per feature map ({c} of them) vs per pixel ({c * h * w})")
+    fig.suptitle(f"Batch norm statistics per feature map ({c} of them) vs per pixel ({c * h * w}); "
+                 "pairs of panels share a colour scale")
     results["figures"] = [_common.save(fig, args.out, "per_feature_map.png")]
     return results
 
