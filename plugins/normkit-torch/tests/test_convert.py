@@ -1,0 +1,121 @@
+"""convert / to_torch on whole models: outputs, parameters, buffers, devices, dtypes, flags and modes kept."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from conftest import F64, assert_state_equal, data, randomize
+from torch import nn
+
+import normkit_torch as nkt
+from normkit_torch._convert import TO_NORMKIT, TO_TORCH
+
+
+class SmallNet(nn.Sequential):
+    """Conv-BN-ReLU x2, GroupNorm, InstanceNorm, then Linear-LayerNorm-RMSNorm-BN1d-Linear.
+
+    The ModuleList is only a second path to the shared BatchNorm (same module reached twice).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self:
+            if not isinstance(m, nn.ModuleList):
+                x = m(x)
+        return x
+
+
+def small_net() -> nn.Module:
+    shared = nn.BatchNorm2d(8)
+    return SmallNet(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        shared,
+        nn.ReLU(),
+        nn.GroupNorm(2, 8),
+        nn.InstanceNorm2d(8, affine=True, track_running_stats=True),
+        nn.ModuleList([shared]),
+        nn.Flatten(),
+        nn.Linear(8 * 5 * 6, 16),
+        nn.LayerNorm(16, bias=False),
+        nn.RMSNorm(16),
+        nn.BatchNorm1d(16, momentum=None),
+        nn.Linear(16, 4),
+    )
+
+
+def _types(model: nn.Module) -> list[type]:
+    return [type(m) for m in model.modules()]
+
+
+def test_convert_keeps_outputs_state_and_objects():
+    torch.manual_seed(0)
+    net = randomize(small_net().to(F64))
+    net[0].weight.requires_grad_(False)  # a frozen parameter stays frozen
+    net[1].weight.requires_grad_(False)
+    twin = copy.deepcopy(net)
+    params = {n: p for n, p in net.named_parameters()}
+    buffers = {n: b for n, b in net.named_buffers()}
+
+    out = nkt.convert(net)
+    assert out is net  # in place, and returned
+    assert type(net[1]) is nkt.BatchNorm2d and type(net[4]) is nkt.BatchNorm2d and net[8][0] is net[4]
+    assert type(net[6]) is nkt.GroupNorm and type(net[7]) is nkt.InstanceNorm2d
+    assert type(net[11]) is nkt.LayerNorm and type(net[12]) is nkt.RMSNorm and type(net[13]) is nkt.BatchNorm1d
+    assert not any(t in TO_NORMKIT for t in _types(net))
+    for n, p in net.named_parameters():  # the very same Parameter objects: optimizers keep working
+        assert p is params[n] and p.requires_grad == twin.get_parameter(n).requires_grad
+    for n, b in net.named_buffers():
+        assert b is buffers[n]
+
+    x = data((4, 3, 5, 6))
+    for mode in ("train", "eval", "train"):
+        getattr(net, mode)(), getattr(twin, mode)()
+        torch.testing.assert_close(net(x), twin(x), rtol=1e-10, atol=1e-12)
+        assert_state_equal(net, twin, rtol=1e-10, atol=1e-12)
+
+    back = nkt.to_torch(net)
+    assert back is net and [type(m) for m in net.modules()] == _types(twin)
+    torch.testing.assert_close(net(x), twin(x), rtol=1e-10, atol=1e-12)
+    assert_state_equal(net, twin, rtol=1e-10, atol=1e-12)
+
+
+def test_convert_keeps_mode_dtype_and_device():
+    net = nn.Sequential(nn.BatchNorm2d(3, dtype=torch.float16), nn.LayerNorm(4)).eval()
+    nkt.convert(net)
+    assert not net.training and not net[0].training
+    assert net[0].weight.dtype == torch.float16 and net[0].running_mean.dtype == torch.float16
+    assert net[0].weight.device.type == "cpu" and net[1].weight.device.type == "cpu"
+
+
+def test_root_module_and_lazy_and_sync():
+    bn = nn.BatchNorm3d(3, affine=False)
+    converted = nkt.convert(bn)
+    assert type(converted) is nkt.BatchNorm3d and converted.running_mean is bn.running_mean
+
+    lazy = nkt.convert(nn.Sequential(nn.LazyBatchNorm2d(), nn.LazyInstanceNorm1d()))
+    assert type(lazy[0]) is nkt.LazyBatchNorm2d and type(lazy[1]) is nkt.LazyInstanceNorm1d
+    lazy[0](torch.randn(2, 5, 3, 3))
+    assert type(lazy[0]) is nkt.BatchNorm2d and lazy[0].weight.shape == (5,)
+
+    sync = nn.SyncBatchNorm(3, momentum=0.2, dtype=F64)
+    randomize(sync)
+    ours = nkt.convert(nn.Sequential(sync))[0]
+    assert type(ours) is nkt.BatchNorm and ours.momentum == 0.2
+    x = data((2, 3, 4, 5))
+    ref = nn.BatchNorm2d(3, momentum=0.2, dtype=F64)
+    ref.load_state_dict(sync.state_dict())
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-10, atol=1e-12)
+    assert_state_equal(ours, ref, rtol=1e-10, atol=1e-12)
+    assert type(nkt.to_torch(nn.Sequential(ours))[0]) is nn.SyncBatchNorm
+
+
+def test_subclasses_are_left_alone():
+    class MyBN(nn.BatchNorm2d):
+        pass
+
+    net = nkt.convert(nn.Sequential(MyBN(3), nkt.BatchNorm2d(3)))
+    assert type(net[0]) is MyBN and type(net[1]) is nkt.BatchNorm2d  # no double conversion either
+    assert set(TO_TORCH) == set(TO_NORMKIT.values())
