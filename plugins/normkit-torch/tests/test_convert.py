@@ -119,3 +119,21 @@ def test_subclasses_are_left_alone():
     net = nkt.convert(nn.Sequential(MyBN(3), nkt.BatchNorm2d(3)))
     assert type(net[0]) is MyBN and type(net[1]) is nkt.BatchNorm2d  # no double conversion either
     assert set(TO_TORCH) == set(TO_NORMKIT.values())
+
+
+def test_torch_utilities_see_normkit_batch_norm():
+    """swa_utils.update_bn (isinstance _BatchNorm) and fuse_conv_bn_eval work on converted models as on torch's."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    from torch.optim.swa_utils import update_bn
+
+    torch.manual_seed(0)
+    theirs = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).to(F64))
+    ours = nkt.convert(copy.deepcopy(theirs))
+    loader = [data((4, 3, 6, 6), seed=s) for s in range(3)]
+    update_bn(loader, ours), update_bn(loader, theirs)
+    assert int(ours[1].num_batches_tracked) == 3
+    assert_state_equal(ours, theirs, rtol=1e-10, atol=1e-12)
+    ours.eval(), theirs.eval()
+    fused = fuse_conv_bn_eval(ours[0], ours[1])
+    x = data((2, 3, 6, 6), seed=7)
+    torch.testing.assert_close(fused(x), theirs(x), rtol=1e-10, atol=1e-12)
