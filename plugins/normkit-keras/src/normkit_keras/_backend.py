@@ -1,0 +1,61 @@
+"""The Array API namespace of the current Keras backend's own arrays, and small per-backend helpers.
+
+Layers compute through the normkit core on the backend's native arrays (tf.Tensor, jax.Array,
+torch.Tensor), never through ``keras.ops``: on JAX and torch ``keras.ops`` would downcast float64.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+
+__all__ = ["backend_name", "backend_namespace", "native", "dtype_name", "cast", "in_compute_dtype"]
+
+
+def backend_name() -> str:
+    return keras.backend.backend()
+
+
+def backend_namespace() -> Any:
+    """``xp`` for the arrays Keras hands a layer's ``call`` on this process's backend."""
+    name = backend_name()
+    if name == "tensorflow":
+        from normkit_keras._namespaces import tensorflow_namespace
+
+        return tensorflow_namespace()
+    if name == "jax":
+        import jax.numpy as jnp
+
+        return jnp
+    if name == "torch":
+        from array_api_compat import torch as torch_xp
+
+        return torch_xp
+    if name == "numpy":
+        from array_api_compat import numpy as numpy_xp
+
+        return numpy_xp
+    raise NotImplementedError(f"normkit_keras does not support the Keras backend {name!r} (tensorflow, jax, torch, numpy)")
+
+
+def native(value: Any) -> Any:
+    """The backend array behind a ``keras.Variable`` (read each call: JAX's stateless scopes swap it)."""
+    if isinstance(value, keras.Variable):
+        return value.value
+    return value
+
+
+def dtype_name(x: Any) -> str:
+    """Keras's name of ``x``'s dtype (``"float32"``), whatever the backend's dtype object."""
+    return keras.backend.standardize_dtype(x.dtype)
+
+
+def cast(xp: Any, x: Any, name: str) -> Any:
+    """``x`` as dtype ``name`` (a no-op when it already is)."""
+    return x if dtype_name(x) == name else xp.astype(x, getattr(xp, name))
+
+
+def in_compute_dtype(xp: Any, x: Any) -> Any:
+    """Half precision as float32, as Keras's normalization layers compute (``result_type(dtype, "float32")``)."""
+    return cast(xp, x, "float32") if dtype_name(x) in ("float16", "bfloat16") else x

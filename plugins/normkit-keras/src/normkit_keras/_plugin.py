@@ -1,0 +1,80 @@
+"""normkit's entry point for Keras and TensorFlow (group ``normkit``, name ``keras``).
+
+Thin on purpose: importing this module imports neither keras nor tensorflow. A type is only
+looked at when its library is already in ``sys.modules`` (an array of a library that was never
+imported cannot exist), as array-api-compat does.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from normkit import hookimpl
+
+__all__ = [
+    "normkit_array_namespace",
+    "normkit_frameworks",
+    "normkit_test_backends",
+    "normkit_test_harnesses",
+]
+
+
+def _is_tensorflow_array(array: Any) -> bool:
+    tf = sys.modules.get("tensorflow")
+    if tf is None:
+        return False
+    return isinstance(array, (tf.Tensor, tf.Variable))
+
+
+def _is_keras_tensor(array: Any) -> bool:
+    if "keras" not in sys.modules:
+        return False
+    keras_tensor = sys.modules.get("keras.src.backend.common.keras_tensor")
+    return keras_tensor is not None and isinstance(array, keras_tensor.KerasTensor)
+
+
+def _keras_variable_class() -> Any:
+    variables = sys.modules.get("keras.src.backend.common.variables")
+    return None if variables is None else variables.Variable
+
+
+@hookimpl
+def normkit_array_namespace(array: Any) -> Any:
+    """TensorFlow's namespace for tf.Tensor / tf.Variable; keras.ops' for KerasTensor; None otherwise.
+
+    A ``keras.Variable`` gets the namespace of the arrays it holds on the current Keras backend.
+    """
+    if _is_keras_tensor(array):
+        from normkit_keras._namespaces import keras_ops_namespace
+
+        return keras_ops_namespace()
+    variable = _keras_variable_class()
+    if variable is not None and isinstance(array, variable):
+        from normkit_keras._backend import backend_namespace
+
+        return backend_namespace()
+    if _is_tensorflow_array(array):
+        from normkit_keras._namespaces import tensorflow_namespace
+
+        return tensorflow_namespace()
+    return None
+
+
+@hookimpl
+def normkit_frameworks() -> dict[str, str]:
+    return {"keras": "normkit_keras"}
+
+
+@hookimpl
+def normkit_test_backends() -> list[Any]:
+    from normkit_keras.testing import tensorflow_backends
+
+    return tensorflow_backends()
+
+
+@hookimpl
+def normkit_test_harnesses() -> list[Any]:
+    from normkit_keras.testing import KerasHarness
+
+    return [KerasHarness()]
