@@ -46,7 +46,13 @@ TORCH_SHAPES = [
 
 
 def interleaved(fns: dict, rounds: int, min_time: float = 2e-3) -> dict:
-    """{name: (median seconds per call, [per-round seconds])}, calls interleaved round by round."""
+    """{name: (median seconds per call, [per-round seconds])}, calls interleaved round by round.
+
+    In each round every implementation gets one untimed call, then k timed calls (k reaches
+    min_time). Without the untimed call, alternating implementations make glibc hand back and
+    re-fault large blocks (thousands of page faults per call) and the order of the calls,
+    not the kernels, decides the ratio.
+    """
     inner = {}
     for name, fn in fns.items():
         fn()
@@ -59,6 +65,7 @@ def interleaved(fns: dict, rounds: int, min_time: float = 2e-3) -> dict:
     for _ in range(rounds):
         for name, fn in fns.items():
             k = inner[name]
+            fn()  # one untimed call: the allocator settles into this implementation's pattern
             t0 = time.perf_counter()
             for _ in range(k):
                 fn()
@@ -407,7 +414,8 @@ def main() -> None:
         "# normkit benchmark results", "",
         f"Machine: {machine()}.", "",
         f"Command: `python benchmarks/run.py{' --quick' if args.quick else ''}`; {rounds} interleaved rounds, each ratio is the",
-        "median of per-round ratios normkit / baseline (below 1.0: normkit is faster). One CPU (taskset -c 0), one thread",
+        "median of per-round ratios normkit / baseline (below 1.0: normkit is faster); each implementation gets one untimed",
+        "call before its timed calls in every round (steady-state allocator). One CPU (taskset -c 0), one thread",
         "per library. Bandwidth floor: one full reduction plus one copy of x, timed in the same run. Memory: the bytes",
         "autograd keeps between forward and backward (torch.autograd.graph.saved_tensors_hooks, one count per storage,",
         "x included on both sides); transient peaks inside the kernels are not in it.", "",

@@ -296,3 +296,25 @@ def test_torch_eval_matches_native(layout):
     (g,) = torch.autograd.grad(y2, (wt,), torch.tensor(dy))
     (gr,) = torch.autograd.grad(ref, (wt,), torch.tensor(dy))
     torch.testing.assert_close(g, gr, rtol=1e-12, atol=1e-12)
+
+
+def test_torch_function_shifted_float32_gradients():
+    """Mean 1e4, std 1 in float32: output and gradients stay within a few float32 ulps of 1e4 of float64."""
+    import torch
+
+    ag = _autograd_module()
+    rng = np.random.default_rng(6)
+    x32 = torch.tensor(rng.standard_normal((64, 3, 40, 40)) + 1e4, dtype=torch.float32)  # chunked path
+    dy = torch.tensor(rng.standard_normal(x32.shape), dtype=torch.float32)
+    w = torch.tensor([0.5, 1.0, 2.0], requires_grad=True)
+    xg = x32.clone().requires_grad_(True)
+    y, _, _ = ag.batch_norm_train(xg, w, None, 1e-5, 1)
+    gx, gw = torch.autograd.grad(y, (xg, w), dy)
+    x64 = x32.double().requires_grad_(True)
+    w64 = w.detach().double().requires_grad_(True)
+    y64 = torch.nn.functional.batch_norm(x64, None, None, w64, None, training=True, eps=1e-5)
+    gx64, gw64 = torch.autograd.grad(y64, (x64, w64), dy.double())
+    tol = 1e4 * float(np.finfo(np.float32).eps) * 4
+    torch.testing.assert_close(y.double(), y64.detach(), rtol=0, atol=tol)
+    torch.testing.assert_close(gx.double(), gx64, rtol=0, atol=tol)
+    torch.testing.assert_close(gw.double(), gw64, rtol=1e-3, atol=0.5)

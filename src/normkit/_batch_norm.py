@@ -103,21 +103,22 @@ def batch_norm(
         weights = None if mask is None else _mask_weights(xp, mask, x, f)
         fast = weights is None and count is not None and _numpy_kernel(xp, xc)
         if fast:
-            mean, var = _numpy_moments(xc, f, count)
+            mean, centered, var = _numpy_centered_moments(xc, f, count)
         else:
-            mean, _, var = raw_moments(xp, xc, axes, weights)
-        # one fused multiply-add per element: y = x * scale + shift (no full-size x - mean kept)
+            mean, centered, var = raw_moments(xp, xc, axes, weights)
+        # y = (x - mean) * scale + bias: centering first keeps float32 data far from zero (mean 1e4)
+        # as accurate as the reference; x * scale + shift would lose about |mean| * eps.
         scale = 1.0 / xp.sqrt(var + eps)
         if w is not None:
             scale = scale * xp.reshape(w, bshape)
-        shift = -mean * scale
-        if b is not None:
-            shift = shift + xp.reshape(b, bshape)
-        if fast:  # the same multiply-add, the add in place on our own product
-            y = np.multiply(xc, scale)
-            np.add(y, shift, out=y)
+        if fast:  # in place on our own temporary: no further full-size array
+            y = np.multiply(centered, scale, out=centered)
+            if b is not None:
+                np.add(y, xp.reshape(b, bshape), out=y)
         else:
-            y = xc * scale + shift
+            y = centered * scale
+            if b is not None:
+                y = y + xp.reshape(b, bshape)
         new_mean = new_var = None
         if (running_mean is None) != (running_var is None):
             raise ValueError("running_mean and running_var must be given together (or both None)")
@@ -172,14 +173,14 @@ def _numpy_kernel(xp: Any, x: Any) -> bool:
     return getattr(xp, "__name__", "") == "array_api_compat.numpy" and type(x) is np.ndarray and x.flags.c_contiguous
 
 
-def _numpy_moments(xc: Any, f: int, count: int) -> tuple[Any, Any]:
-    """Shifted two-pass mean and biased variance (keepdims) for NumPy, with one full-size temporary.
+def _numpy_centered_moments(xc: Any, f: int, count: int) -> tuple[Any, Any, Any]:
+    """``(mean, centered, var)`` (keepdims) for NumPy with one full-size temporary, ``centered``.
 
     x is viewed as (outer, C, run). ``s = x - first sample`` gives the mean (the shift keeps NumPy's
     naive summation over a non-contiguous axis accurate); ``s -= mean(s)`` turns it into ``x - mean``
-    in place (our own temporary, never the input). With runs of >= 256 values per feature (NCHW
-    images) a BLAS dot per run (``vecdot``) sums the squares, about ten times faster than
-    ``mean(c * c)``; otherwise ``s`` is squared in place and summed.
+    in place (our own temporary, never the input). The squares are summed without a second
+    temporary: with runs of >= 256 values per feature (NCHW images) by a BLAS dot per run
+    (``vecdot``), about ten times faster than ``mean(c * c)``; otherwise by ``einsum``.
     """
     outer = 1
     for d in xc.shape[:f]:
@@ -191,12 +192,12 @@ def _numpy_moments(xc: Any, f: int, count: int) -> tuple[Any, Any]:
     offset = np.mean(s, axis=(0, 2), keepdims=True)
     np.subtract(s, offset, out=s)
     if x3.shape[2] >= _VECDOT_MIN_RUN:
-        var = np.sum(np.vecdot(s, s, axis=-1), axis=0) / count
+        ssq = np.sum(np.vecdot(s, s, axis=-1), axis=0)
     else:
-        np.multiply(s, s, out=s)
-        var = np.sum(s, axis=(0, 2)) / count
+        ssq = np.einsum("ijk,ijk->j", s, s)
     bshape = _broadcast_shape(xc.ndim, f, c)
-    return np.reshape(shift + offset, bshape), np.reshape(var.astype(xc.dtype, copy=False), bshape)
+    var = (ssq / count).astype(xc.dtype, copy=False)
+    return np.reshape(shift + offset, bshape), np.reshape(s, xc.shape), np.reshape(var, bshape)
 
 
 def _dynamic_count(xp: Any, xc: Any, f: int) -> Any:

@@ -4,14 +4,14 @@
 ``batch_norm(training=True)`` math written with torch kernels (the "kernel hook" for torch;
 ``normkit.batch_norm`` and ``normkit.batch_norm_backward`` stay the generic reference):
 
-forward   mean = mean(x); var = mean((x - mean)**2) (two-pass; torch's cascade summation keeps the
-          mean accurate, and the squares are summed chunk by chunk from a cache-sized scratch, so no
-          full-size ``x - mean`` is built); y = x * scale + shift, one fused multiply-add.
+forward   mean = mean(x) (torch's cascade summation keeps it accurate); the output buffer receives
+          x - mean chunk by chunk while the squares are summed from a cache-sized scratch (two-pass
+          variance, no full-size temporary), then y = y * scale + bias in place.
 backward  saves only x, mean and invstd (x is the caller's tensor: no extra memory);
           grad_bias = sum(dy), grad_weight = invstd * sum(dy * (x - mean)) - reduced by aten's fused
           ``native_batch_norm_backward`` with only the weight/bias outputs requested when it exists,
-          else by chunked torch ops; grad_input = dy * a + x * b + c with per-channel a, b, c
-          (normkit.batch_norm_backward's formula), two or three passes, no other full-size temporary.
+          else by chunked torch ops; grad_input = dy * a + (x - mean) * b + c with per-channel a, b, c
+          (normkit.batch_norm_backward's formula), chunk by chunk, no other full-size temporary.
 mean and var carry no autograd history. Double backward is refused with a RuntimeError.
 float16/bfloat16 are computed in float32; y and grad_input come back in x's dtype.
 """
@@ -57,20 +57,20 @@ def _chunk_rows(x: torch.Tensor, f: int) -> int:
     return max(1, _CHUNK // per_row)
 
 
-def _sum_sq_dev(x: torch.Tensor, mean: torch.Tensor, dims: tuple[int, ...], f: int) -> torch.Tensor:
-    """sum((x - mean)**2) over dims, keepdim; chunked along dim 0 through one cache-sized scratch."""
+def _center_into(x: torch.Tensor, mean: torch.Tensor, out: torch.Tensor, dims: tuple[int, ...], f: int) -> torch.Tensor:
+    """out = x - mean; returns sum(out**2) over dims (keepdim). Chunked along dim 0: each centred
+    chunk is squared into one cache-sized scratch while it is still in cache."""
     step = _chunk_rows(x, f)
     if step == 0:
-        t = torch.sub(x, mean)
-        t.mul_(t)
-        return t.sum(dims, keepdim=True)
+        torch.sub(x, mean, out=out)
+        return torch.mul(out, out).sum(dims, keepdim=True)
     total = None
     scratch = torch.empty_like(x[:step])
     for start in range(0, x.shape[0], step):
-        xs = x[start:start + step]
-        s = scratch[: xs.shape[0]]
-        torch.sub(xs, mean, out=s)
-        s.mul_(s)
+        o = out[start:start + step]
+        torch.sub(x[start:start + step], mean, out=o)
+        s = scratch[: o.shape[0]]
+        torch.mul(o, o, out=s)
         part = s.sum(dims, keepdim=True)
         total = part if total is None else total.add_(part)
     return total
@@ -110,6 +110,20 @@ def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, f: int) -
     return y.add_(shift)
 
 
+def _fill_grad_input(out, x, dy, mean, k, b, c, f) -> None:
+    """out = (x - mean) * b + (dy * k + c), chunk by chunk so the four steps reuse a chunk in cache."""
+    step = _chunk_rows(x, f) or x.shape[0]
+    inner = x.stride(f) == 1
+    for start in range(0, x.shape[0], step):
+        o, xs, ds = out[start:start + step], x[start:start + step], dy[start:start + step]
+        torch.sub(xs, mean, out=o)
+        if inner:
+            torch.addcmul(c, o, b, out=o)
+        else:
+            o.mul_(b).add_(c)
+        o.addcmul_(ds, k)
+
+
 class BatchNormTrain(torch.autograd.Function):
     """Training-mode batch norm; see the module docstring. Use ``batch_norm_train``."""
 
@@ -120,13 +134,18 @@ class BatchNormTrain(torch.autograd.Function):
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
         xc = _compute(x)
         mean = xc.mean(dims, keepdim=True)
-        var = _sum_sq_dev(xc, mean, dims, f).div_(n)
+        y = torch.empty_like(xc)  # laid out like x (channels_last stays channels_last)
+        var = _center_into(xc, mean, y, dims, f).div_(n)
         invstd = torch.rsqrt(var + eps)
+        # y = (x - mean) * scale + bias, in place on y: centring first keeps float32 data far from
+        # zero (mean 1e4) accurate, and costs no extra pass (the centring pass also gave the variance)
         scale = invstd if weight is None else invstd * weight.to(invstd.dtype).view(bshape)
-        shift = -mean * scale
-        if bias is not None:
-            shift = shift + bias.to(invstd.dtype).view(bshape)
-        y = _affine(xc, scale, shift, f)
+        if bias is None:
+            y.mul_(scale)
+        elif xc.stride(f) == 1:
+            torch.addcmul(bias.to(invstd.dtype).view(bshape), y, scale, out=y)
+        else:
+            y.mul_(scale).add_(bias.to(invstd.dtype).view(bshape))
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         mean_c, var_c, invstd_c = mean.view(-1), var.view(-1), invstd.view(-1)
@@ -154,9 +173,11 @@ class BatchNormTrain(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if need_x:
             k = inv if weight is None else inv * weight.to(inv.dtype).view(bshape)
+            # dx = (x - mean) * b + dy * k + c, with x - mean formed first (accurate far from zero)
             b = k * inv * inv * dot * (-1.0 / n)
-            c = -(k * sum_dy) / n - b * mean.view(bshape)
-            grad_x = _affine(xc, b, c, f).addcmul_(dyc, k)
+            c = -(k * sum_dy) / n
+            grad_x = torch.empty_like(xc)
+            _fill_grad_input(grad_x, xc, dyc, mean.view(bshape), k, b, c, f)
             if grad_x.dtype != x.dtype:
                 grad_x = grad_x.to(x.dtype)
         if need_w and weight is not None:
