@@ -3,12 +3,12 @@
 #   make test   - build .venv and run every test: the core matrix, both plugins, Keras once per backend
 PYTHON ?= python3
 VENV   := .venv
-PY     := $(VENV)/bin/python
+PY     := $(CURDIR)/$(VENV)/bin/python
 PLUGINS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
 STAMP  := $(VENV)/.installed
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: demo test test-core test-keras-backends bench venv clean
+.PHONY: demo test bench venv clean
 
 $(STAMP): requirements/test.txt pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
@@ -22,12 +22,19 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/tour.py
 
-# Keras fixes its backend once per process: the first run uses TensorFlow (the default), then the
-# Keras part runs again on jax and on torch.
+# Each test directory runs in its own pytest process with its own rootdir (plugins are separate
+# distributions). Keras fixes its backend once per process: TensorFlow (the default) first, then the
+# Keras layers and their conformance run again on jax and on torch.
+KERAS_TESTS := cd plugins/normkit-keras && $(PYTEST) tests
+test: export NORMKIT_STRICT_PLUGINS = 1
 test: $(STAMP)
-	NORMKIT_STRICT_PLUGINS=1 $(PYTEST) tests plugins
-	NORMKIT_STRICT_PLUGINS=1 KERAS_BACKEND=jax $(PYTEST) tests/test_conformance.py plugins/normkit-keras/tests --frameworks=keras --backends=none
-	NORMKIT_STRICT_PLUGINS=1 KERAS_BACKEND=torch $(PYTEST) tests/test_conformance.py plugins/normkit-keras/tests --frameworks=keras --backends=none
+	$(PYTEST) tests
+	cd plugins/normkit-torch && $(PYTEST) tests
+	$(KERAS_TESTS)
+	for backend in jax torch; do \
+	  KERAS_BACKEND=$$backend $(PYTEST) tests/test_conformance.py --frameworks=keras --backends=none && \
+	  (export KERAS_BACKEND=$$backend && $(KERAS_TESTS)) || exit 1; \
+	done
 
 bench: $(STAMP)
 	taskset -c 0 $(PY) benchmarks/run.py

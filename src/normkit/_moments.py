@@ -39,7 +39,7 @@ def raw_moments(xp: Any, x: Any, axes: tuple[int, ...], mask: Any = None) -> tup
     if mask is None:
         offset = xp.mean(shifted, axis=axes, keepdims=True)
         mean = shift + offset
-        centered = x - mean
+        centered = shifted - offset  # not x - mean: the offset was never rounded to x's magnitude
         var = xp.mean(centered * centered, axis=axes, keepdims=True)
         return mean, centered, var
     weights = xp.astype(mask, x.dtype)
@@ -47,7 +47,7 @@ def raw_moments(xp: Any, x: Any, axes: tuple[int, ...], mask: Any = None) -> tup
     total = xp.maximum(total, xp.asarray(1.0, dtype=x.dtype))
     offset = xp.sum(shifted * weights, axis=axes, keepdims=True) / total
     mean = shift + offset
-    centered = x - mean
+    centered = shifted - offset
     var = xp.sum(centered * centered * weights, axis=axes, keepdims=True) / total
     return mean, centered, var
 

@@ -60,13 +60,18 @@ def compute_dtype(xp: Any, dtype: Any) -> Any:
     return xp.float32
 
 
+def _shape_matches(got: tuple, want: tuple) -> bool:
+    """Equal shapes, where an unknown (symbolic, None) dimension matches anything."""
+    return len(got) == len(want) and all(g is None or w is None or g == w for g, w in zip(got, want))
+
+
 def as_param(xp: Any, value: Any, name: str, shape: tuple, dtype: Any, like: Any) -> Any:
     """``value`` as an array of ``shape`` in ``dtype`` on ``like``'s device; Python numbers and sequences are converted."""
     if value is None:
         return None
     device = device_of(xp, like)
     if is_array(value):
-        if tuple(value.shape) != tuple(shape):
+        if not _shape_matches(tuple(value.shape), tuple(shape)):
             raise ValueError(f"{name} must have shape {tuple(shape)} (one value per feature), got shape {tuple(value.shape)}")
         if value.dtype != dtype:
             value = xp.astype(value, dtype)
