@@ -94,6 +94,7 @@ def main(argv=None) -> dict:
     warnings.filterwarnings("ignore", message=".*input_shape.*")  # the article passes input_shape to layers
     import keras
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from normkit_keras import BatchNormalization as NormkitBN
 
@@ -170,6 +171,7 @@ def main(argv=None) -> dict:
             ax.plot(range(1, len(acc) + 1), acc, ls=ls, color=f"C{i}", marker="o", ms=3,
                     label=f"{name}, {impl} BN")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("test accuracy (digit < 5 vs >= 5)")
     ax.set_title("The article's models on digits")
     ax.legend()

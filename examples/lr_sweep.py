@@ -76,6 +76,7 @@ def add_arguments(parser) -> None:
 def main(argv=None) -> dict:
     args = _common.parse_args(argv, __doc__.splitlines()[0], add_arguments)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     import torch
     from tqdm.auto import tqdm
 
@@ -148,6 +149,7 @@ def main(argv=None) -> dict:
                     label=f"lr {lr} {'BN' if key == 'bn' else 'plain'}")
     bx.set_yscale("log")
     bx.set_xlabel("epoch")
+    bx.xaxis.set_major_locator(MaxNLocator(integer=True))
     bx.set_ylabel("training loss (cross-entropy)")
     bx.set_title("solid: BatchNorm2d, dashed: no normalization")
     bx.legend(fontsize=7, ncol=2)
