@@ -19,7 +19,7 @@ def _params():
             marks = []
             reason = case.extra.get("native_known_wrong")
             if reason and check in case.extra.get("native_wrong_checks", ()):
-                marks.append(pytest.mark.xfail(reason=reason, strict=True))
+                marks.append(pytest.mark.xfail(reason=reason, strict=case.extra.get("native_wrong_strict", True)))
             yield pytest.param(check, case, id=f"{check}-{case.id}", marks=marks)
 
 

@@ -116,13 +116,24 @@ class TensorFlowNamespace:
         return self._tf.reshape(x, [-1 if d is None else d for d in shape])
 
     def broadcast_to(self, x: Any, /, shape: Any) -> Any:
+        """Standard ``broadcast_to``; inside ``tf.function`` an unknown (None) target dimension is taken from
+        ``x``'s run-time shape, so ``x`` must already have it (the core broadcasts a mask of x's own batch
+        shape against ``x.shape``)."""
         dims = list(shape)
-        if any(d is None for d in dims):
-            raise ValueError(
-                f"broadcast_to needs a fully known shape, got {tuple(dims)}; inside tf.function with an "
-                "unknown batch size, broadcast against the array instead (x * ones_like(y))"
-            )
-        return self._tf.broadcast_to(x, dims)
+        if all(d is not None for d in dims):
+            return self._tf.broadcast_to(x, dims)
+        tf = self._tf
+        offset = len(dims) - len(x.shape)
+        runtime = tf.shape(x)
+        full = []
+        for i, d in enumerate(dims):
+            if d is not None:
+                full.append(d)
+            elif i >= offset:
+                full.append(runtime[i - offset])
+            else:
+                raise ValueError(f"broadcast_to: dimension {i} of {tuple(dims)} is unknown and x of shape {tuple(x.shape)} lacks it")
+        return tf.broadcast_to(x, tf.stack([tf.cast(d, tf.int32) for d in full]))
 
     def expand_dims(self, x: Any, /, *, axis: int = 0) -> Any:
         return self._tf.expand_dims(x, axis)

@@ -137,7 +137,7 @@ def gradients(layer: Any, x: np.ndarray, upstream: np.ndarray, **call_kwargs: An
             y, _ = layer.stateless_call(trainable, non_trainable, xj, **call_kwargs)
             return jnp.sum(y * up)
 
-        dw, dx = jax.grad(loss, argnums=(0, 1))(trainable, jnp.asarray(x))
+        dw, dx = jax.jit(jax.grad(loss, argnums=(0, 1)))(trainable, jnp.asarray(x))
         return np.asarray(dx), {n: np.asarray(g) for n, g in zip(names, dw)}
     if backend == "torch":
         import torch
@@ -239,7 +239,9 @@ class KerasHarness:
             if data_offset and self.backend == "torch":
                 return {"native_known_wrong": _ONE_PASS, "native_wrong_checks": ("train_steps", "eval", "gradients")}
             if data_offset:
-                return {"native_known_wrong": _CANCELLATION, "native_wrong_checks": ("train_steps", "gradients")}
+                # XLA on CPU may fuse Keras's x * inv + res into an FMA, which hides the cancellation: not strict there
+                return {"native_known_wrong": _CANCELLATION, "native_wrong_checks": ("train_steps", "gradients"),
+                        "native_wrong_strict": self.backend != "jax"}
             if downcasts and dtype == "float64":
                 return {"native_known_wrong": _DOWNCAST, "native_wrong_checks": ("train_steps", "eval", "gradients")}
             return {}

@@ -1,0 +1,417 @@
+"""normkit_keras layers against keras.layers, in models, on this process's Keras backend."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import normkit_keras as nk
+from normkit.testing import reference
+from normkit_keras.testing import gradients
+
+from conftest import BACKEND
+
+F32 = dict(rtol=1e-4, atol=1e-5)  # two float32 implementations of the same math
+
+
+def np_(a):
+    return np.asarray(keras.ops.convert_to_numpy(a))
+
+
+def data(shape, seed=0, offset=0.5, scale=2.0, dtype="float32"):
+    return (np.random.default_rng(seed).standard_normal(shape) * scale + offset).astype(dtype)
+
+
+# --------------------------------------------------------------------------- the plugin's entry module
+
+
+def test_entry_module_imports_no_framework():
+    code = (
+        "import sys\n"
+        "from normkit.plugin.manager import plugin_manager, frameworks\n"
+        "pm = plugin_manager()\n"
+        "assert pm.get_plugin('keras') is not None, pm.list_name_plugin()\n"
+        "assert frameworks()['keras'] == 'normkit_keras'\n"
+        "import normkit_keras\n"
+        "bad = [m for m in ('keras', 'tensorflow', 'jax', 'torch') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "NORMKIT_STRICT_PLUGINS": "0"})
+
+
+def test_hooks_namespace_backends_harness():
+    import tensorflow as tf
+
+    from normkit_keras import _plugin
+    from normkit_keras._namespaces import keras_ops_namespace, tensorflow_namespace
+
+    assert _plugin.normkit_array_namespace(tf.constant([1.0])) is tensorflow_namespace()
+    assert _plugin.normkit_array_namespace(tf.Variable([1.0])) is tensorflow_namespace()
+    assert _plugin.normkit_array_namespace(keras.KerasTensor((None, 3))) is keras_ops_namespace()
+    assert _plugin.normkit_array_namespace(np.ones(3)) is None
+    assert _plugin.normkit_frameworks() == {"keras": "normkit_keras"}
+    specs = {s.name: s for s in _plugin.normkit_test_backends()}
+    assert sorted(specs) == ["tensorflow", "tensorflow-function"]
+    assert [h.name for h in _plugin.normkit_test_harnesses()] == ["keras"]
+    import normkit
+
+    for name, spec in specs.items():
+        b = spec.make()
+        x = data((6, 4), dtype="float64")
+        out = b.call(normkit.batch_norm, (b.asarray(x), b.asarray(np.zeros(4)), b.asarray(np.ones(4))),
+                     dict(training=True, axis=-1, correction=0, momentum=0.1))
+        want = reference.batch_norm(x, np.zeros(4), np.ones(4), training=True, axis=-1, correction=0, momentum=0.1)
+        for got, ref in zip(out, want):
+            assert b.to_numpy(got).dtype == np.float64, name
+            np.testing.assert_allclose(b.to_numpy(got), ref, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def test_tensorflow_namespace_unknown_batch_and_keras_tensor():
+    import tensorflow as tf
+
+    import normkit
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6, 4], tf.float32)])
+    def fn(x):
+        return (normkit.group_norm(x, 2, axis=-1), normkit.layer_norm(x, axis=(1, 2)), normkit.rms_norm(x),
+                normkit.batch_norm(x, tf.zeros(4), tf.ones(4), training=True, axis=-1, correction=1).running_var)
+
+    x = data((3, 6, 4))
+    gn, ln, rms, rv = fn(tf.constant(x))
+    np.testing.assert_allclose(gn.numpy(), reference.group_norm(x, 2, axis=-1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ln.numpy(), reference.layer_norm(x, axis=(1, 2)), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(rms.numpy(), reference.rms_norm(x, eps=float(np.finfo(np.float32).eps)), rtol=1e-4, atol=1e-4)
+    _, _, want = reference.batch_norm(x, np.zeros(4), np.ones(4), training=True, axis=-1, correction=1)
+    np.testing.assert_allclose(rv.numpy(), want, rtol=1e-4)
+    kt = keras.KerasTensor((None, 6, 4), dtype="float32")
+    out = normkit.layer_norm(kt, axis=-1)
+    assert isinstance(out, keras.KerasTensor) and tuple(out.shape) == (None, 6, 4) and out.dtype == "float32"
+
+
+# --------------------------------------------------------------------------- BatchNormalization
+
+
+def test_signature_config_and_weights_match_keras():
+    import inspect
+
+    for name in ("BatchNormalization", "LayerNormalization", "GroupNormalization", "RMSNormalization", "UnitNormalization"):
+        ours, native = getattr(nk, name), getattr(keras.layers, name)
+        assert inspect.signature(ours.__init__) == inspect.signature(native.__init__), name
+        a, b = ours(), native()
+        a.build((None, 4, 32)), b.build((None, 4, 32))
+        ca, cb = a.get_config(), b.get_config()
+        ca.pop("name"), cb.pop("name")
+        assert ca == cb, name
+        assert [(v.path.split("/")[-1], v.trainable, v.dtype) for v in a.weights] == \
+               [(v.path.split("/")[-1], v.trainable, v.dtype) for v in b.weights], name
+
+
+def test_set_weights_both_ways():
+    x = data((16, 5), seed=1)
+    native = keras.layers.BatchNormalization(momentum=0.5)
+    ours = nk.BatchNormalization(momentum=0.5)
+    native(x, training=True)
+    ours.build((None, 5))
+    ours.set_weights(native.get_weights())
+    np.testing.assert_allclose(np_(ours(x)), np_(native(x)), **F32)
+    ours(data((16, 5), seed=2), training=True)
+    native.set_weights(ours.get_weights())
+    np.testing.assert_allclose(np_(native(x)), np_(ours(x)), **F32)
+
+
+def test_training_semantics():
+    x = data((8, 3))
+    layer = nk.BatchNormalization()
+    y_default = np_(layer(x))  # training=None: inference with the initial statistics
+    np.testing.assert_allclose(y_default, x / np.sqrt(1 + 1e-3), **F32)
+    np.testing.assert_array_equal(np_(layer.moving_mean), 0)
+    layer(x, training=True)
+    np.testing.assert_allclose(np_(layer.moving_mean), 0.01 * x.mean(0), **F32)
+    np.testing.assert_allclose(np_(layer.moving_variance), 0.99 + 0.01 * x.var(0), **F32)  # biased
+    layer.trainable = False  # inference and frozen statistics even with training=True
+    before = [np_(w) for w in layer.weights]
+    y = np_(layer(x, training=True))
+    np.testing.assert_allclose(y, (x - before[2]) / np.sqrt(before[3] + 1e-3), **F32)
+    for b, w in zip(before, layer.weights):
+        np.testing.assert_array_equal(np_(w), b)
+
+
+def test_batch_of_one_gives_beta():
+    layer = nk.BatchNormalization(beta_initializer=keras.initializers.Constant(0.25))
+    y = np_(layer(data((1, 4)), training=True))
+    np.testing.assert_array_equal(y, np.full((1, 4), 0.25, np.float32))
+    native = keras.layers.BatchNormalization(beta_initializer=keras.initializers.Constant(0.25))
+    np.testing.assert_array_equal(np_(native(data((1, 4)), training=True)), y)
+
+
+def test_mask_matches_keras_and_reference():
+    x = data((4, 6, 3), seed=3)
+    mask = np.random.default_rng(4).random((4, 6)) > 0.4
+    ours, native = nk.BatchNormalization(momentum=0.5), keras.layers.BatchNormalization(momentum=0.5)
+    y_ours = np_(ours(x, training=True, mask=keras.ops.convert_to_tensor(mask)))
+    y_native = np_(native(x, training=True, mask=keras.ops.convert_to_tensor(mask)))
+    np.testing.assert_allclose(y_ours, y_native, **F32)
+    np.testing.assert_allclose(np_(ours.moving_variance), np_(native.moving_variance), **F32)
+    y_ref, rm, rv = reference.batch_norm(x, np.zeros(3), np.ones(3), np.ones(3), np.zeros(3), training=True,
+                                         momentum=0.5, eps=1e-3, axis=-1, correction=0, mask=mask)
+    np.testing.assert_allclose(y_ours, y_ref, rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(np_(ours.moving_variance), rv, rtol=2e-4, atol=2e-4)
+    with pytest.raises(ValueError, match="one dimension less than the inputs"):
+        ours(x, training=True, mask=keras.ops.convert_to_tensor(mask[:, :, None]))
+
+
+def test_mask_and_unknown_batch_in_tf_function():
+    """Inside tf.function with an unknown batch size: the core on tf tensors (every Keras backend), and on
+    the TensorFlow backend the layer itself."""
+    import tensorflow as tf
+
+    import normkit
+
+    x = data((4, 6, 3), seed=3)
+    mask = np.random.default_rng(4).random((4, 6)) > 0.4
+    y_ref, _, rv = reference.batch_norm(x, np.zeros(3), np.ones(3), np.ones(3), np.zeros(3), training=True,
+                                        momentum=0.5, eps=1e-3, axis=-1, correction=0, mask=mask)
+    signature = [tf.TensorSpec([None, 6, 3]), tf.TensorSpec([None, 6], tf.bool)]
+
+    @tf.function(input_signature=signature)
+    def core(x, m):
+        return normkit.batch_norm(x, tf.zeros(3), tf.ones(3), tf.ones(3), tf.zeros(3), training=True, momentum=0.5,
+                                  eps=1e-3, axis=-1, correction=0, mask=m)
+
+    out = core(tf.constant(x), tf.constant(mask))
+    np.testing.assert_allclose(out.output.numpy(), y_ref, rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(out.running_var.numpy(), rv, rtol=2e-4, atol=2e-4)
+    if BACKEND == "tensorflow":
+        layer = nk.BatchNormalization(momentum=0.5)
+        layer.build((None, 6, 3))
+        step = tf.function(lambda x, m: layer(x, training=True, mask=m), input_signature=signature)
+        np.testing.assert_allclose(step(tf.constant(x), tf.constant(mask)).numpy(), y_ref, rtol=2e-4, atol=2e-4)
+        np.testing.assert_allclose(layer.moving_variance.numpy(), rv, rtol=2e-4, atol=2e-4)
+
+
+def test_shifted_data_stays_exact():
+    """float32 data with mean 1e4 and std 1: normkit matches the float64 reference on every backend."""
+    x = data((64, 4), seed=5, offset=1e4, scale=1.0)
+    ours = nk.BatchNormalization(momentum=0.0)
+    y = np_(ours(x, training=True))
+    y_ref, rm, rv = reference.batch_norm(x, np.zeros(4), np.ones(4), training=True, momentum=1.0, eps=1e-3,
+                                         axis=-1, correction=0)
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(y, y_ref, atol=2e-3)  # |x| = 1e4 in float32: the input itself is exact to 1e-3
+    np.testing.assert_allclose(np_(ours.moving_variance), rv, rtol=1e-3)
+    native = keras.layers.BatchNormalization(momentum=0.0)
+    y_native = np_(native(x, training=True))
+    native_var = np_(native.moving_variance)
+    if BACKEND == "torch":  # Keras's one-pass variance: documents the gap normkit closes
+        assert not np.isfinite(y_native).all() or not np.allclose(native_var, rv, rtol=1e-2)
+    else:
+        np.testing.assert_allclose(native_var, rv, rtol=1e-3)
+
+
+def test_mixed_float16():
+    keras.config.set_dtype_policy("mixed_float16")
+    x = data((8, 4), seed=6)
+    ours, native = nk.BatchNormalization(momentum=0.5), keras.layers.BatchNormalization(momentum=0.5)
+    y, y_native = ours(x, training=True), native(x, training=True)
+    assert keras.backend.standardize_dtype(y.dtype) == "float16"
+    assert [w.dtype for w in ours.weights] == ["float32"] * 4
+    np.testing.assert_allclose(np_(y).astype(np.float32), np_(y_native).astype(np.float32), atol=2e-3)  # fp16 output ulp
+    for a, b in zip(ours.weights, native.weights):
+        np.testing.assert_allclose(np_(a), np_(b), rtol=1e-3, atol=1e-3)  # batch stats of fp16-rounded inputs
+    ln = nk.LayerNormalization()
+    assert keras.backend.standardize_dtype(ln(x).dtype) == "float16" and ln.gamma.dtype == "float32"
+
+
+def test_errors():
+    with pytest.raises(NotImplementedError, match="renorm"):
+        nk.BatchNormalization(renorm=True)
+    with pytest.raises(ValueError, match="invalid keys"):
+        nk.BatchNormalization(renorm=True, renorm_clipping={"bad": 1})
+    if BACKEND == "tensorflow":
+        layer = nk.BatchNormalization(synchronized=True)
+        x = data((8, 3))
+        y, y_local = layer(x, training=True), nk.BatchNormalization()(x, training=True)
+        np.testing.assert_allclose(np_(y), np_(y_local), **F32)
+    else:
+        with pytest.raises(ValueError, match="only supported with the TensorFlow backend"):
+            nk.BatchNormalization(synchronized=True)
+        with pytest.raises(ValueError, match="only supported with the TensorFlow backend"):
+            keras.layers.BatchNormalization(synchronized=True)
+    with pytest.raises(ValueError, match="out of bounds"):
+        nk.BatchNormalization(axis=3).compute_output_shape((None, 4))
+    with pytest.raises(ValueError, match="groups"):
+        nk.GroupNormalization(groups=0)
+    with pytest.raises(ValueError, match="multiple"):
+        nk.GroupNormalization(groups=3).build((None, 4))
+    with pytest.raises(TypeError, match="axis"):
+        nk.LayerNormalization(axis="x")
+    layer = nk.BatchNormalization()
+    layer(data((4, 3)))
+    with pytest.raises(ValueError):
+        layer(data((4, 5)))  # InputSpec: the feature axis is fixed at build
+
+
+# --------------------------------------------------------------------------- the seed article's models
+
+
+def dense_model(bn):
+    return keras.Sequential([
+        keras.Input((5,)),
+        keras.layers.Dense(16, activation="relu"), bn(),
+        keras.layers.Dense(32, activation="relu"), bn(),
+        keras.layers.Dense(2, activation="softmax"),
+    ])
+
+
+def conv_model(bn, size=12):
+    inputs = keras.Input((size, size, 3))
+    h = keras.layers.Conv2D(32, (3, 3))(inputs)
+    h = bn()(h)
+    h = keras.layers.Activation("relu")(h)
+    h = keras.layers.MaxPooling2D()(h)
+    h = keras.layers.Flatten()(h)
+    return keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(h))
+
+
+def _fit_both(make, x, y, jit_compile):
+    native = make(keras.layers.BatchNormalization)
+    ours = make(nk.BatchNormalization)
+    ours.set_weights(native.get_weights())
+    for m in (native, ours):
+        m.compile(optimizer=keras.optimizers.SGD(0.05), loss="sparse_categorical_crossentropy", jit_compile=jit_compile)
+        m.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    return native, ours
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["eager-graph", "jit"])
+@pytest.mark.parametrize("model", ["dense", "conv"])
+def test_seed_models_train_like_keras(model, jit_compile):
+    if model == "dense":
+        make, x = dense_model, data((16, 5), seed=7)  # 2 steps
+    else:
+        make, x = conv_model, data((16, 12, 12, 3), seed=7)
+    y = (np.random.default_rng(8).random(16) > 0.5).astype("int32")
+    native, ours = _fit_both(make, x, y, jit_compile)
+    assert any(isinstance(l, nk.BatchNormalization) for l in ours.layers)
+    for a, b in zip(ours.weights, native.weights):
+        np.testing.assert_allclose(np_(a), np_(b), rtol=1e-4, atol=1e-5, err_msg=a.path)
+    np.testing.assert_allclose(ours.predict(x, batch_size=8, verbose=0), native.predict(x, batch_size=8, verbose=0), **F32)
+    np.testing.assert_allclose(ours.evaluate(x, y, batch_size=8, verbose=0), native.evaluate(x, y, batch_size=8, verbose=0), rtol=1e-4)
+    bn = [l for l in ours.layers if isinstance(l, nk.BatchNormalization)][0]
+    assert not np.allclose(np_(bn.moving_mean), 0)  # fit trained the statistics
+
+
+def test_trainable_false_in_fit_freezes_statistics():
+    model = dense_model(nk.BatchNormalization)
+    bns = [l for l in model.layers if isinstance(l, nk.BatchNormalization)]
+    for l in bns:
+        l.trainable = False
+    before = [np_(w) for l in bns for w in l.weights]
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    model.fit(data((16, 5)), np.zeros(16, "int32"), batch_size=8, verbose=0)
+    for b, w in zip(before, [w for l in bns for w in l.weights]):
+        np.testing.assert_array_equal(np_(w), b)
+
+
+def test_subclassed_and_functional_models():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(4)
+            self.bn = nk.BatchNormalization()
+            self.ln = nk.LayerNormalization()
+
+        def call(self, x, training=None):
+            return self.ln(self.bn(self.dense(x), training=training))
+
+    net = Net()
+    x = data((8, 3))
+    net.compile(optimizer="sgd", loss="mse")
+    net.fit(x, np.zeros((8, 4), "float32"), verbose=0)
+    assert not np.allclose(np_(net.bn.moving_mean), 0)
+    inputs = keras.Input((6, 4))
+    out = nk.GroupNormalization(groups=2)(nk.RMSNormalization()(nk.UnitNormalization()(inputs)))
+    model = keras.Model(inputs, out)
+    assert tuple(model.output.shape) == (None, 6, 4)
+
+
+# --------------------------------------------------------------------------- family layers and preprocessing
+
+
+def test_family_layers_in_keras_conventions():
+    x = data((3, 5, 4), seed=9)
+    np.testing.assert_allclose(np_(nk.UnitNormalization(axis=[1, 2])(x)), np_(keras.layers.UnitNormalization(axis=[1, 2])(x)), **F32)
+    np.testing.assert_allclose(np_(nk.UnitNormalization()(np.zeros((2, 3), "float32"))), 0)
+    with pytest.warns(UserWarning, match="deprecated"):
+        ours = nk.LayerNormalization(rms_scaling=True)
+    with pytest.warns(UserWarning, match="deprecated"):
+        native = keras.layers.LayerNormalization(rms_scaling=True)
+    np.testing.assert_allclose(np_(ours(x)), np_(native(x)), **F32)
+    assert [w.path.split("/")[-1] for w in ours.weights] == ["gamma"]
+    g = nk.GroupNormalization(groups=-1)
+    g(x)
+    assert g.groups == 4 and g.get_config()["groups"] == 4
+
+
+def test_standardize_and_min_max_scale_adapt():
+    import tensorflow as tf
+
+    x = data((300, 4), seed=10, offset=3.0)
+    x[:, 2] = 7.0  # a constant feature
+    st = nk.Standardize()
+    st.adapt(tf.data.Dataset.from_tensor_slices(x).batch(64))
+    np.testing.assert_allclose(np_(st.mean), x.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(np_(st.variance), x.astype(np.float64).var(0), rtol=1e-5, atol=1e-6)
+    z = np_(st(x))
+    np.testing.assert_allclose(z, reference.standardize(x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(z[:, 2], 0)
+    st2 = nk.Standardize()
+    st2.adapt(x)
+    np.testing.assert_allclose(np_(st2.mean), np_(st.mean), rtol=1e-6)
+    mm = nk.MinMaxScale(feature_range=(-1, 1))
+    mm.adapt([x[:100], x[100:]])
+    np.testing.assert_allclose(np_(mm(x)), reference.min_max_scale(x, feature_range=(-1, 1)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="feature_range"):
+        nk.MinMaxScale(feature_range=(1, 0))
+
+
+def test_keras_file_roundtrip_without_custom_objects(tmp_path):
+    x = data((8, 6, 4), seed=11)
+    st, mm = nk.Standardize(), nk.MinMaxScale()
+    st.adapt(x), mm.adapt(x)
+    inputs = keras.Input((6, 4))
+    h = st(inputs)
+    h = nk.BatchNormalization(momentum=0.5)(h)
+    h = nk.LayerNormalization(axis=[1, 2])(h)
+    h = nk.GroupNormalization(groups=2)(h)
+    h = nk.RMSNormalization()(h)
+    h = nk.UnitNormalization()(h)
+    model = keras.Model(inputs, [h, mm(inputs)])
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(x, [np.zeros_like(x), np.zeros_like(x)], verbose=0)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert [type(l) for l in loaded.layers] == [type(l) for l in model.layers]
+    assert any(type(l) is nk.BatchNormalization for l in loaded.layers)
+    for a, b in zip(loaded.weights, model.weights):
+        np.testing.assert_array_equal(np_(a), np_(b))
+    for a, b in zip(loaded.predict(x, verbose=0), model.predict(x, verbose=0)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_gradients_flow_through_batch_statistics():
+    x = data((6, 3), seed=12)
+    up = data((6, 3), seed=13)
+    ours, native = nk.BatchNormalization(), keras.layers.BatchNormalization()
+    ours.build((None, 3)), native.build((None, 3))
+    dx, dw = gradients(ours, x, up)
+    dx_n, dw_n = gradients(native, x, up)
+    np.testing.assert_allclose(dx, dx_n, rtol=1e-3, atol=1e-4)
+    assert np.abs(dx.sum(0)).max() < 1e-4  # the batch mean's gradient removes the column mean
+    assert sorted(dw) == ["beta", "gamma"]
