@@ -4,7 +4,9 @@
     model = normkit_torch.convert(model)         # swap every torch.nn norm module in a model
     model = normkit_torch.to_torch(model)        # and back
 
-Every module computes through the normkit core (one Array API implementation for every library).
+Every module computes through the normkit core (one Array API implementation for every library);
+the batch-norm modules use torch's own kernels where the plugin's measurements found them faster.
+``normkit_torch.set_kernel_policy("core")`` (or ``NORMKIT_TORCH_KERNELS=core``) forces the core.
 Importing this package does not import torch: names are loaded on first use, so the normkit
 plugin host can read the entry point without paying for torch.
 """
@@ -37,6 +39,8 @@ _EXPORTS = {
     "MinMaxScale": "_preprocessing",
     "convert": "_convert",
     "to_torch": "_convert",
+    "set_kernel_policy": "_functional",
+    "get_kernel_policy": "_functional",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -52,6 +56,7 @@ if TYPE_CHECKING:
         LazyBatchNorm3d,
     )
     from normkit_torch._convert import convert, to_torch
+    from normkit_torch._functional import get_kernel_policy, set_kernel_policy
     from normkit_torch._instancenorm import (
         InstanceNorm1d,
         InstanceNorm2d,

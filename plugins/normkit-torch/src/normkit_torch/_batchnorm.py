@@ -5,7 +5,18 @@ Each class subclasses its torch.nn twin, so the constructor, defaults, parameter
 ``_load_from_state_dict`` (checkpoints without ``num_batches_tracked``) and every
 ``isinstance(m, nn.BatchNorm2d)`` / ``_BatchNorm`` check (``swa_utils.update_bn``, FSDP's
 mixed-precision rule, weight-decay filters) are torch's own. Only ``forward`` differs: it computes
-through the normkit core.
+through the normkit core, or through the fused kernel the plugin hook offers for the input's
+device, dtype and layout (``normkit_torch._plugin`` has the decision table and its measurements).
+
+Kernel choice: each module keeps a plain dict ``_normkit_kernels`` {(op, device type, dtype,
+layout): kernel}, filled once at construction (``reset_parameters``; for the module's device and
+every float dtype and layout) and again after ``.to()`` / ``.cuda()`` / ``.double()`` (``_apply``); a configuration not
+in it is resolved on its first eager call. It is not in the state_dict, and deep-copies and pickles
+(kernels are module-level functions). A forward call only computes the layout key
+(``_functional.layout_of``: shape and stride checks) and reads the dict, so torch.compile
+(fullgraph=True) traces it without a graph break; while compiling, a configuration missing from the
+dict uses the generic core. ``normkit_torch.set_kernel_policy("core")`` or
+``NORMKIT_TORCH_KERNELS=core`` makes every module use the generic core (the reference).
 
 training:  y = (x - mean_B) / sqrt(var_B + eps) * weight + bias   (var_B biased)
            running_mean <- (1 - m) * running_mean + m * mean_B
@@ -53,8 +64,61 @@ def check_features(channels: int, **tensors: Optional[Tensor]) -> None:
             raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
 
 
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_OPS = ("batch_norm_train", "batch_norm_eval")
+_CORE = {"batch_norm_train": _functional.batch_norm_train, "batch_norm_eval": _functional.batch_norm_eval}
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for t in module.parameters(recurse=False):
+        return t.device
+    for t in module.buffers(recurse=False):
+        return t.device
+    return torch.device("cpu")
+
+
 class _NormkitBatchNorm:
     """``forward`` of every normkit batch-norm module; the rest comes from the torch.nn class it is mixed into."""
+
+    def reset_parameters(self: Any) -> None:
+        """torch's, then the kernels are chosen (torch calls this from ``__init__`` and after a lazy module's
+        first input; overriding it keeps the constructor's signature torch's own)."""
+        super().reset_parameters()
+        self._normkit_reset_kernels()
+
+    def _normkit_reset_kernels(self: Any) -> None:
+        """Resolve the kernels once for the module's device (and the CPU) and every float dtype and layout."""
+        table: dict = {}
+        device = _module_device(self)
+        devices = [device] if device.type == "cpu" else [device, torch.device("cpu")]
+        if _functional.kernels_enabled():
+            for dev in devices:
+                for dtype in _FLOAT_DTYPES:
+                    for layout in _functional.LAYOUTS:
+                        for op in _OPS:
+                            table[(op, dev.type, dtype, layout)] = _functional.resolve_kernel(op, dev, dtype, layout)
+        self._normkit_kernels = table
+
+    def _apply(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        out = super()._apply(fn, *args, **kwargs)
+        self._normkit_reset_kernels()
+        return out
+
+    def _normkit_kernel(self: Any, op: str, x: Tensor) -> Any:
+        """The kernel for ``op`` on ``x``: the one chosen for its configuration, never a hook call when known."""
+        if not _functional.kernels_enabled():
+            return _CORE[op]
+        key = (op, x.device.type, x.dtype, _functional.layout_of(x))
+        table = self.__dict__.get("_normkit_kernels")
+        if table is None:  # a module made without __init__ (e.g. copy.copy of an old pickle)
+            table = self._normkit_kernels = {}
+        found = table.get(key)
+        if found is not None:
+            return found
+        if _functional.is_compiling():  # no hook call inside a graph: the reference path
+            return _CORE[op]
+        found = table[key] = _functional.resolve_kernel(op, x.device, x.dtype, key[3])
+        return found
 
     def forward(self: Any, input: Tensor) -> Tensor:
         self._check_input_dim(input)
@@ -70,8 +134,9 @@ class _NormkitBatchNorm:
         use_buffers = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_buffers else None
         running_var = self.running_var if use_buffers else None
+        kernel = self._normkit_kernel("batch_norm_train" if batch_stats else "batch_norm_eval", input)
         return _batch_norm(
-            input, running_mean, running_var, self.weight, self.bias, batch_stats, momentum, self.eps
+            input, running_mean, running_var, self.weight, self.bias, batch_stats, momentum, self.eps, kernel
         )
 
 
@@ -84,8 +149,10 @@ def _batch_norm(
     training: bool,
     momentum: Any,
     eps: float,
+    kernel: Any = None,
 ) -> Tensor:
-    """``F.batch_norm``'s contract: validate as torch does, compute through normkit, update the buffers in place."""
+    """``F.batch_norm``'s contract: validate as torch does, compute through ``kernel`` (the core's
+    function of the mode when None), update the buffers in place."""
     if training:
         check_batch_size(input)
         if eps <= 0.0:
@@ -94,8 +161,8 @@ def _batch_norm(
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     check_features(input.shape[1], running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     if not training:
-        return _functional.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
-    output, mean, var = _functional.batch_norm_train(input, weight, bias, eps, 1)
+        return (kernel or _functional.batch_norm_eval)(input, running_mean, running_var, weight, bias, eps, 1)
+    output, mean, var = (kernel or _functional.batch_norm_train)(input, weight, bias, eps, 1)
     if running_mean is not None and running_var is not None:
         count = input.numel() // input.shape[1] if input.shape[1] else 0
         _functional.update_running_stats(running_mean, running_var, mean, var, count, momentum)

@@ -92,6 +92,9 @@ def _swap(module: nn.Module, target: type) -> nn.Module:
         if store == "_buffers":
             new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
     new.train(module.training)
+    reset = getattr(new, "_normkit_reset_kernels", None)
+    if reset is not None:  # made on "meta": choose the kernels for the device of the moved tensors
+        reset()
     if hasattr(module, "qconfig"):
         new.qconfig = module.qconfig
     return new

@@ -6,11 +6,24 @@ training-mode batch-norm entry point; a faster implementation (an analytic-backw
 
 Passing ``xp=`` to the core skips its namespace lookup, so ``torch.compile(fullgraph=True)``
 traces a forward without a graph break.
+
+Kernels. The batch-norm modules may compute through a fused kernel instead of the core: the one
+the ``normkit_kernel`` hook offers for ``(op, device, dtype, layout)`` (``resolve_kernel``), looked
+up once per module and configuration and kept on the module, never per call. ``layout_of(x)`` is
+the per-call key, cheap and free of graph breaks. The policy decides whether offered kernels are
+used at all:
+
+    NORMKIT_TORCH_KERNELS=core           # environment, read at import: always the generic core
+    normkit_torch.set_kernel_policy("core")   # the same at run time ("auto" gives kernels back)
+
+"core" is the reference path: every kernel is tested equal to it.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
+
+import os
 
 import normkit
 import torch
@@ -29,7 +42,95 @@ __all__ = [
     "standardize",
     "min_max_scale",
     "is_compiling",
+    "KERNEL_POLICIES",
+    "set_kernel_policy",
+    "get_kernel_policy",
+    "kernels_enabled",
+    "layout_of",
+    "resolve_kernel",
+    "SMALL_NUMEL",
+    "LAYOUTS",
 ]
+
+KERNEL_POLICIES = ("auto", "core")
+
+
+def _policy_from_env() -> str:
+    value = os.environ.get("NORMKIT_TORCH_KERNELS", "auto").strip().lower() or "auto"
+    if value not in KERNEL_POLICIES:
+        raise ValueError(f"NORMKIT_TORCH_KERNELS must be one of {KERNEL_POLICIES}, got {value!r}")
+    return value
+
+
+_POLICY = [_policy_from_env()]
+
+
+def set_kernel_policy(policy: str) -> str:
+    """Choose how the batch-norm modules compute; returns the previous policy.
+
+    ``"auto"`` (default): the kernel the plugin hook offers for the input's device, dtype and
+    layout, where one is offered (the generic core otherwise). ``"core"``: always the generic
+    normkit core (the reference). Takes effect on the next forward call of every module; a
+    compiled graph recompiles (the policy is guarded). Initial value: ``NORMKIT_TORCH_KERNELS``.
+    """
+    if policy not in KERNEL_POLICIES:
+        raise ValueError(f"kernel policy must be one of {KERNEL_POLICIES}, got {policy!r}")
+    previous = _POLICY[0]
+    _POLICY[0] = policy
+    return previous
+
+
+def get_kernel_policy() -> str:
+    """The current kernel policy, ``"auto"`` or ``"core"``."""
+    return _POLICY[0]
+
+
+def kernels_enabled() -> bool:
+    """True when the policy lets modules use plugin kernels."""
+    return _POLICY[0] == "auto"
+
+
+# inputs with at most this many elements are "small": per-call overhead decides there, not bandwidth
+SMALL_NUMEL = 1 << 15
+
+
+def layout_of(x: Tensor) -> str:
+    """The layout key of a batch-norm input (channels on axis 1), cheap enough for every call.
+
+    "small" (at most SMALL_NUMEL elements), "dense" (rank 2), "channels_last" (rank 4/5 stored
+    channels innermost and not also plain contiguous), "contiguous" (rank >= 3, row-major) or
+    "strided" (anything else). Only shape, rank and stride checks: no graph break under
+    torch.compile (a shape-dependent answer is a guard).
+    """
+    if x.numel() <= SMALL_NUMEL:
+        return "small"
+    nd = x.dim()
+    if nd == 2:
+        return "dense"
+    if x.is_contiguous():
+        return "contiguous"
+    if nd == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    if nd == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return "channels_last"
+    return "strided"
+
+
+LAYOUTS = ("small", "dense", "contiguous", "channels_last", "strided")
+
+
+def resolve_kernel(op: str, device: torch.device, dtype: torch.dtype, layout: str) -> Any:
+    """The kernel the plugin hook offers for this configuration, or the core's function.
+
+    ``op`` is ``"batch_norm_train"`` or ``"batch_norm_eval"``. Asks ``normkit.plugin.manager.kernel``
+    (a pluggy call): call it once per configuration and keep the answer, never per forward call.
+    """
+    from normkit.plugin.manager import kernel
+
+    found = kernel(op, xp, device, dtype, layout)
+    if found is not None:
+        return found
+    return batch_norm_train if op == "batch_norm_train" else batch_norm_eval
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -61,19 +162,33 @@ def batch_norm_train(
 def update_running_stats(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, var_biased: Tensor, count: int, momentum: Any
 ) -> None:
-    """torch's update, in place: ``r <- (1 - m) * r + m * batch`` with the unbiased batch variance."""
+    """torch's update, in place: ``r <- (1 - m) * r + m * batch`` with the unbiased batch variance.
+
+    ``lerp_`` is that update in one op per buffer (``r + m * (batch - r)``; at ``m = 1`` exactly the
+    batch value). ``mean`` and ``var_biased`` carry no autograd history (the kernels' contract), so
+    the buffers get none either.
+    """
     unbiased = var_biased * (count / max(count - 1, 1))
-    with torch.no_grad():
-        running_mean.copy_(running_mean * (1.0 - momentum) + mean.to(running_mean.dtype) * momentum)
-        running_var.copy_(running_var * (1.0 - momentum) + unbiased.to(running_var.dtype) * momentum)
+    if mean.dtype != running_mean.dtype:
+        mean = mean.to(running_mean.dtype)
+    if unbiased.dtype != running_var.dtype:
+        unbiased = unbiased.to(running_var.dtype)
+    running_mean.lerp_(mean, momentum)
+    running_var.lerp_(unbiased, momentum)
 
 
 def batch_norm_eval(
-    x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    axis: int = 1,
 ) -> Tensor:
     """Inference-mode batch norm with the running statistics: one fused scale and shift per channel."""
     return normkit.batch_norm(
-        x, running_mean, running_var, weight, bias, training=False, eps=eps, axis=1, xp=xp
+        x, running_mean, running_var, weight, bias, training=False, eps=eps, axis=axis, xp=xp
     ).output
 
 
