@@ -213,6 +213,29 @@ def test_shifted_data_stays_exact():
         np.testing.assert_allclose(native_var, rv, rtol=1e-3)
 
 
+@pytest.mark.parametrize("clipping", [None, {"rmax": 1.2, "rmin": 0.9, "dmax": 0.1}], ids=["unclipped", "clipped"])
+def test_renorm_matches_keras(clipping):
+    kw = dict(renorm=True, renorm_clipping=clipping, renorm_momentum=0.8, momentum=0.7)
+    ours, native = nk.BatchNormalization(**kw), keras.layers.BatchNormalization(**kw)
+    ours.build((None, 6, 3)), native.build((None, 6, 3))
+    assert [w.path.split("/")[-1] for w in ours.weights] == [w.path.split("/")[-1] for w in native.weights]
+    for step in range(3):
+        x = data((4, 6, 3), seed=20 + step, offset=step)
+        np.testing.assert_allclose(np_(ours(x, training=True)), np_(native(x, training=True)), **F32)
+        for a, b in zip(ours.weights, native.weights):
+            np.testing.assert_allclose(np_(a), np_(b), **F32, err_msg=f"step {step} {a.path}")
+    x = data((4, 6, 3), seed=30)
+    np.testing.assert_allclose(np_(ours(x)), np_(native(x)), **F32)
+    up = data((4, 6, 3), seed=31)
+    dx, dw = gradients(ours, x, up)
+    dx_n, dw_n = gradients(native, x, up)
+    np.testing.assert_allclose(dx, dx_n, rtol=1e-3, atol=1e-4)
+    for name in dw_n:
+        np.testing.assert_allclose(dw[name], dw_n[name], rtol=1e-3, atol=1e-4, err_msg=name)
+    with pytest.raises(ValueError, match="rmax should be greater"):
+        nk.BatchNormalization(renorm=True, renorm_clipping={"rmax": 0.5, "rmin": 1.0})
+
+
 def test_mixed_float16():
     keras.config.set_dtype_policy("mixed_float16")
     x = data((8, 4), seed=6)
@@ -228,8 +251,6 @@ def test_mixed_float16():
 
 
 def test_errors():
-    with pytest.raises(NotImplementedError, match="renorm"):
-        nk.BatchNormalization(renorm=True)
     with pytest.raises(ValueError, match="invalid keys"):
         nk.BatchNormalization(renorm=True, renorm_clipping={"bad": 1})
     if BACKEND == "tensorflow":

@@ -15,6 +15,7 @@ import keras
 from keras import constraints, initializers, regularizers
 
 import normkit
+from normkit._namespace import stop_gradient
 from normkit_keras._backend import backend_name, backend_namespace, cast, dtype_name, in_compute_dtype, native
 
 __all__ = ["BatchNormalization"]
@@ -29,6 +30,13 @@ def _check_renorm_clipping(renorm_clipping: Any) -> None:
         )
 
 
+def _clone_initializer(initializer: Any) -> Any:
+    """A fresh copy of a Keras initializer (a seeded one must not repeat its draws across weights)."""
+    if isinstance(initializer, initializers.Initializer):
+        return initializer.__class__.from_config(initializer.get_config())
+    return initializer
+
+
 @keras.saving.register_keras_serializable(package="normkit")
 class BatchNormalization(keras.layers.Layer):
     """Normalizes its inputs per feature (``axis``) with the batch's statistics in training, moving ones otherwise.
@@ -41,7 +49,8 @@ class BatchNormalization(keras.layers.Layer):
 
     Arguments, defaults, weights (``gamma, beta, moving_mean, moving_variance``) and config are
     Keras's. ``mask`` (rank ``ndim - 1``, True where a position counts) excludes positions from
-    the batch statistics. ``renorm=True`` (batch renormalization) is not implemented.
+    the batch statistics. ``renorm=True`` adds batch renormalization with Keras's extra weights
+    (``moving_stddev, renorm_mean, renorm_stddev``).
     """
 
     def __init__(
@@ -85,10 +94,15 @@ class BatchNormalization(keras.layers.Layer):
         self.supports_masking = True
         if renorm:
             _check_renorm_clipping(renorm_clipping)
-            raise NotImplementedError(
-                "normkit_keras.BatchNormalization does not implement renorm=True (batch renormalization); "
-                "use keras.layers.BatchNormalization(renorm=True) for it"
-            )
+            clipping = renorm_clipping or {}
+            rmax, rmin, dmax = clipping.get("rmax"), clipping.get("rmin"), clipping.get("dmax")
+            if rmax is not None and rmin is not None and rmax < rmin:
+                raise ValueError(
+                    "rmax should be greater than rmin in the `renorm_clipping` argument. "
+                    f"Received: rmax={rmax}, rmin={rmin}."
+                )
+            if dmax is not None and dmax < 0:
+                raise ValueError(f"dmax should be non-negative in the `renorm_clipping` argument. Received: dmax={dmax}.")
         self.renorm = renorm
         self.renorm_clipping = renorm_clipping
         self.renorm_momentum = renorm_momentum
@@ -117,6 +131,22 @@ class BatchNormalization(keras.layers.Layer):
             shape=shape, name="moving_variance", initializer=self.moving_variance_initializer, trainable=False,
             autocast=False,
         )
+        if self.renorm:
+            def moving_stddev_initializer(shape, dtype=None):
+                return keras.ops.sqrt(_clone_initializer(self.moving_variance_initializer)(shape, dtype=dtype))
+
+            self.moving_stddev = self.add_weight(
+                shape=shape, name="moving_stddev", initializer=moving_stddev_initializer, trainable=False,
+                autocast=False,
+            )
+            self.renorm_mean = self.add_weight(
+                shape=shape, name="renorm_mean", initializer=_clone_initializer(self.moving_mean_initializer),
+                trainable=False, autocast=False,
+            )
+            self.renorm_stddev = self.add_weight(
+                shape=shape, name="renorm_stddev", initializer=moving_stddev_initializer, trainable=False,
+                autocast=False,
+            )
         self.input_spec = keras.layers.InputSpec(ndim=len(input_shape), axes={self.axis: input_shape[self.axis]})
         self._xp = backend_namespace()
 
@@ -141,6 +171,9 @@ class BatchNormalization(keras.layers.Layer):
         moving_mean = cast(xp, native(self.moving_mean), dtype)
         moving_variance = cast(xp, native(self.moving_variance), dtype)
         if training and self.trainable:
+            if self.renorm:
+                y = self._renorm(x, mask, gamma, beta, dtype)
+                return cast(xp, y, self.compute_dtype)
             if self.synchronized and _replicas() > 1:
                 y, new_mean, new_var = self._synchronized(x, moving_mean, moving_variance, gamma, beta)
             else:
@@ -155,6 +188,51 @@ class BatchNormalization(keras.layers.Layer):
                 x, moving_mean, moving_variance, gamma, beta, training=False, eps=self.epsilon, axis=self.axis, xp=xp,
             ).output
         return cast(xp, y, self.compute_dtype)
+
+    def _renorm(self, x, mask, gamma, beta, dtype):
+        """Batch renormalization (Ioffe 2017) as Keras computes it: ``y = norm(x) * (r * gamma) + (d * gamma + beta)``.
+
+        ``r = clip(sqrt(var_B + eps) / renorm_stddev)`` and ``d = clip((mean_B - renorm_mean) / renorm_stddev)``
+        carry no gradient; the batch moments come from the core (a first pass with ``momentum=1``),
+        the output from the core's training path with the composed scale and offset.
+        """
+        xp = self._xp
+        zeros = xp.zeros_like(cast(xp, native(self.moving_mean), dtype))
+        _, mean, var = normkit.batch_norm(
+            x, zeros, zeros, training=True, momentum=1.0, eps=self.epsilon, axis=self.axis, mask=mask, correction=0,
+            allow_single_value=True, xp=xp,
+        )
+        eps = self.epsilon
+        stddev = xp.sqrt(var + eps)
+        renorm_mean = cast(xp, native(self.renorm_mean), dtype)
+        renorm_stddev = xp.maximum(cast(xp, native(self.renorm_stddev), dtype), xp.asarray(eps**0.5, dtype=getattr(xp, dtype)))
+        r = stddev / renorm_stddev
+        d = (mean - renorm_mean) / renorm_stddev
+        clipping = self.renorm_clipping or {}
+        if clipping.get("rmin") is not None:
+            r = xp.maximum(r, xp.asarray(float(clipping["rmin"]), dtype=getattr(xp, dtype)))
+        if clipping.get("rmax") is not None:
+            r = xp.minimum(r, xp.asarray(float(clipping["rmax"]), dtype=getattr(xp, dtype)))
+        if clipping.get("dmax") is not None:
+            dmax = float(clipping["dmax"])
+            d = xp.minimum(xp.maximum(d, xp.asarray(-dmax, dtype=getattr(xp, dtype))), xp.asarray(dmax, dtype=getattr(xp, dtype)))
+        r, d = stop_gradient(xp, r), stop_gradient(xp, d)
+        weight = r if gamma is None else r * gamma
+        bias = d if gamma is None else d * gamma
+        if beta is not None:
+            bias = bias + beta
+        y = normkit.batch_norm(
+            x, None, None, weight, bias, training=True, eps=eps, axis=self.axis, mask=mask, correction=0,
+            allow_single_value=True, xp=xp,
+        ).output
+        m, rm = self.momentum, float(self.renorm_momentum)
+        self.renorm_mean.assign(cast(xp, native(self.renorm_mean), dtype) * rm + mean * (1.0 - rm))
+        self.renorm_stddev.assign(cast(xp, native(self.renorm_stddev), dtype) * rm + stddev * (1.0 - rm))
+        self.moving_mean.assign(cast(xp, native(self.moving_mean), dtype) * m + mean * (1.0 - m))
+        new_stddev = cast(xp, native(self.moving_stddev), dtype) * m + stddev * (1.0 - m)
+        self.moving_stddev.assign(new_stddev)
+        self.moving_variance.assign(xp.maximum(new_stddev * new_stddev - eps, xp.zeros_like(new_stddev)))
+        return y
 
     def _synchronized(self, x, moving_mean, moving_variance, gamma, beta):
         """Global batch statistics across the replicas of a tf.distribute strategy (TensorFlow only).
