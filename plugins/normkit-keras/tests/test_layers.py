@@ -439,3 +439,15 @@ def test_gradients_flow_through_batch_statistics():
     np.testing.assert_allclose(dx, dx_n, rtol=1e-3, atol=1e-4)
     assert np.abs(dx.sum(0)).max() < 1e-4  # the batch mean's gradient removes the column mean
     assert sorted(dw) == ["beta", "gamma"]
+
+
+def test_synchronized_across_two_replicas():
+    """synchronized=True with tf.distribute.MirroredStrategy on two logical CPUs: global batch statistics.
+
+    Runs in a subprocess on the TensorFlow backend whatever this process's backend is (logical devices
+    must be configured before TensorFlow starts, and synchronized=True is TensorFlow-only in Keras).
+    """
+    script = os.path.join(os.path.dirname(__file__), "synchronized_replicas.py")
+    done = subprocess.run([sys.executable, script], capture_output=True, text=True, env={**os.environ, "KERAS_BACKEND": "tensorflow"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("OK 2")
