@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from normkit._moments import raw_moments
+from normkit._moments import dynamic_count, raw_moments
 from normkit._namespace import array_namespace, stop_gradient
 from normkit._validate import as_param, compute_dtype, feature_axis, positive_eps, require_floating, static_count
 
@@ -129,7 +129,7 @@ def batch_norm(
             batch_var = stop_gradient(xp, xp.reshape(var, feat))
             if correction:
                 if weights is None:
-                    n = count if count is not None else _dynamic_count(xp, xc, f)
+                    n = count if count is not None else dynamic_count(xp, xc, axes)
                 else:
                     n = xp.reshape(xp.sum(xp.broadcast_to(xp.astype(weights, dtype), xc.shape), axis=axes), feat)
                     n = xp.maximum(n, xp.asarray(float(correction) + 1.0, dtype=dtype))
@@ -198,12 +198,6 @@ def _numpy_centered_moments(xc: Any, f: int, count: int) -> tuple[Any, Any, Any]
     bshape = _broadcast_shape(xc.ndim, f, c)
     var = (ssq / count).astype(xc.dtype, copy=False)
     return np.reshape(shift + offset, bshape), np.reshape(s, xc.shape), np.reshape(var, bshape)
-
-
-def _dynamic_count(xp: Any, xc: Any, f: int) -> Any:
-    """Number of values per feature when a reduced dimension is only known at run time (tf.function)."""
-    index = tuple(slice(0, 1) if i == f else slice(None) for i in range(xc.ndim))
-    return xp.sum(xp.ones_like(xc[index]))
 
 
 def _ema(xp: Any, old: Any, batch: Any, momentum: Any) -> Any:

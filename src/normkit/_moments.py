@@ -66,6 +66,12 @@ def raw_moments(xp: Any, x: Any, axes: tuple[int, ...], mask: Any = None) -> tup
     return mean, centered, var
 
 
+def dynamic_count(xp: Any, x: Any, axes: tuple[int, ...]) -> Any:
+    """Number of values reduced over ``axes`` as a 0-d array, for dimensions known only at run time (tf.function)."""
+    index = tuple(slice(None) if i in axes else slice(0, 1) for i in range(x.ndim))
+    return xp.sum(xp.ones_like(x[index]))
+
+
 def moments(x: Any, axis: int | tuple[int, ...] | None = None, *, correction: float = 0, keepdims: bool = False) -> MomentsResult:
     """Mean and variance of ``x`` over ``axis`` (the axes reduced, as in ``xp.mean``).
 
@@ -81,8 +87,8 @@ def moments(x: Any, axis: int | tuple[int, ...] | None = None, *, correction: fl
     if correction:
         n = static_count(tuple(x.shape), axes)
         if n is None:
-            raise ValueError("moments(correction=...) needs the reduced dimensions to be known")
-        if n - correction <= 0:
+            n = xp.astype(dynamic_count(xp, xc, axes), dtype)
+        elif n - correction <= 0:
             raise ValueError(f"correction={correction} leaves no degrees of freedom for {n} values")
         var = var * (n / (n - correction))
     if not keepdims:
