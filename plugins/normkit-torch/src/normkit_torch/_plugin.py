@@ -25,7 +25,7 @@ Decision table (``KERNELS``), CPU:
 | anything else (other namespaces, devices, dtypes, ops) | | | None: the generic core |
 
 Measured: time of the normkit_torch module with each candidate / time of torch.nn.BatchNorm*d
-(below 1: faster), one thread on CPU 0 (taskset), interleaved, median of 11 paired rounds
+(below 1: faster; ``benchmarks/torch_kernels.py``), one thread on CPU 0 (taskset), interleaved, median of 11 paired rounds
 (``benchmarks/run.py``'s harness), torch 2.13 CPU, a shared 2-CPU Xeon (load about 2.3; a second
 run with 7 rounds agreed on every choice). Columns core / _autograd / aten; "fwd" is a training
 step under no_grad, where function-or-aten runs _autograd's forward.
@@ -36,6 +36,7 @@ step under no_grad, where function-or-aten runs _autograd's forward.
 | conv 8x256x28x28 NCHW (contiguous) | 1.26 / 0.77 / 1.02 | 3.14 / 1.21 / 0.97 | 2.15 / 1.61 / 1.00 |
 | seq 32x64x1024 NCL (contiguous) | 1.16 / 0.80 / 1.00 | 3.09 / 1.29 / 0.97 | 2.21 / 1.62 / 1.02 |
 | mid 16x32x16x16 NCHW (contiguous) | 1.32 / 0.88 / 1.15 | 3.09 / 1.73 / 1.19 | 2.73 / 1.89 / 1.08 |
+| vol 8x32x16x16x16 NCDHW (contiguous; 7 rounds) | 3.59 / 0.85 / 1.08 | 3.88 / 1.21 / 1.06 | 2.06 / 1.62 / 1.00 |
 | conv 32x64x56x56 NHWC (channels_last) | 5.71 / 2.22 / 0.71 | 8.04 / 1.92 / 1.07 | 3.03 / 1.09 / 1.03 |
 | conv 8x256x28x28 NHWC (channels_last) | 3.01 / 1.76 / 1.10 | 8.00 / 1.85 / 1.06 | 2.09 / 1.06 / 1.03 |
 | dense 256x1024 (dense) | 3.40 / 2.33 / 1.29 | 3.72 / 2.00 / 1.16 | 2.34 / 1.27 / 1.04 |
@@ -51,7 +52,8 @@ float64 (7 rounds), core / _autograd / aten: conv 8x256x28x28 NCHW fwd 3.15 / 1.
 4.16 / 1.15 / 0.71; seq 32x64x1024 NCL fwd 6.23 / 1.49 / 1.10; NHWC fwd 7.37 / 1.90 / 1.03; dense
 fwd+bwd 3.53 / 1.63 / 1.06; small fwd+bwd 4.57 / 3.23 / 1.37: aten everywhere (_autograd's forward
 does not win in float64). bfloat16 (5 rounds): aten 1.04-1.21 fwd+bwd where core is 4.3-11.0 and
-_autograd 2.9-4.5. float16 follows bfloat16 (aten's same reduced-precision path; not timed).
+_autograd 2.9-4.5. float16 (5 rounds): aten 0.96-1.24 fwd+bwd where core is 4.9-13.8 and _autograd
+3.1-5.9; aten's forward 1.07-1.23 against _autograd's 3.6-4.8 (small inputs: aten 1.9-2.4).
 
 What the numbers say: the generic core is never the fastest on CPU; _autograd's forward is the
 fastest on row-major input in float32 (0.77-0.88x native) but its forward+backward is not (1.07-1.73x
