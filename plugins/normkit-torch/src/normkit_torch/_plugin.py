@@ -32,7 +32,7 @@ step under no_grad, where function-or-aten runs _autograd's forward.
 
 | float32 input (layout) | fwd train | fwd+bwd | eval |
 |---|---|---|---|
-| conv 32x64x56x56 NCHW (contiguous) | 4.33 / 0.78* / 1.28 | 3.74 / 1.07 / 0.94** | 2.61 / 2.34 / 1.13 |
+| conv 32x64x56x56 NCHW (contiguous) | 4.33 / 0.78 [1] / 1.28 | 3.74 / 1.07 / 0.94 [2] | 2.61 / 2.34 / 1.13 |
 | conv 8x256x28x28 NCHW (contiguous) | 1.26 / 0.77 / 1.02 | 3.14 / 1.21 / 0.97 | 2.15 / 1.61 / 1.00 |
 | seq 32x64x1024 NCL (contiguous) | 1.16 / 0.80 / 1.00 | 3.09 / 1.29 / 0.97 | 2.21 / 1.62 / 1.02 |
 | mid 16x32x16x16 NCHW (contiguous) | 1.32 / 0.88 / 1.15 | 3.09 / 1.73 / 1.19 | 2.73 / 1.89 / 1.08 |
@@ -45,8 +45,8 @@ step under no_grad, where function-or-aten runs _autograd's forward.
 | small 8x32x8x8 NHWC (small) | 4.71 / 3.03 / 1.85 | 5.17 / 3.73 / 1.47 | 3.10 / 2.21 / 1.09 |
 | small dense 64x128 (small) | 5.25 / 3.39 / 1.90 | 4.62 / 3.99 / 1.54 | 3.38 / 2.45 / 1.10 |
 
-\* function-or-aten in that run (0.73 for _autograd alone in the 7-round run).
-\*\* function-or-aten (aten under autograd); aten alone 1.23 in this run, 0.80 in the 7-round run.
+[1] function-or-aten in that run (0.73 for _autograd alone in the 7-round run).
+[2] function-or-aten (aten under autograd); aten alone 1.23 in this run, 0.80 in the 7-round run.
 
 float64 (7 rounds), core / _autograd / aten: conv 8x256x28x28 NCHW fwd 3.15 / 1.40 / 1.12, fwd+bwd
 4.16 / 1.15 / 0.71; seq 32x64x1024 NCL fwd 6.23 / 1.49 / 1.10; NHWC fwd 7.37 / 1.90 / 1.03; dense
