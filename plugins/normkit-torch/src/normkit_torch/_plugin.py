@@ -45,7 +45,7 @@ step under no_grad, where function-or-aten runs _autograd's forward.
 | small 8x32x8x8 NHWC (small) | 4.71 / 3.03 / 1.85 | 5.17 / 3.73 / 1.47 | 3.10 / 2.21 / 1.09 |
 | small dense 64x128 (small) | 5.25 / 3.39 / 1.90 | 4.62 / 3.99 / 1.54 | 3.38 / 2.45 / 1.10 |
 
-[1] function-or-aten in that run (0.73 for _autograd alone in the 7-round run).
+[1] function-or-aten (its _autograd forward under no_grad); _autograd alone 1.17 in this run, 0.73 in the 7-round run.
 [2] function-or-aten (aten under autograd); aten alone 1.23 in this run, 0.80 in the 7-round run.
 
 float64 (7 rounds), core / _autograd / aten: conv 8x256x28x28 NCHW fwd 3.15 / 1.40 / 1.12, fwd+bwd
