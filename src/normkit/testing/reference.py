@@ -110,3 +110,19 @@ def min_max_scale(x, *, axis=-1, feature_range=(0.0, 1.0)):
     mn, mx = x.min(axis=axes, keepdims=True), x.max(axis=axes, keepdims=True)
     span = np.where(mx == mn, 1.0, mx - mn)
     return lo + (x - mn) / span * (hi - lo)
+
+
+def batch_norm_grad(x, upstream, weight=None, *, axis=1, eps=1e-5):
+    """Training-mode gradients of sum(batch_norm(x) * upstream): (dx, dweight, dbias), all float64.
+
+    xhat = (x - mean) / sqrt(var + eps); dx = w / sqrt(var + eps) * (dy - mean(dy) - xhat * mean(dy * xhat)).
+    """
+    x = np.asarray(x, np.float64)
+    dy = np.asarray(upstream, np.float64)
+    axes = _other_axes(x.ndim, axis)
+    mean = x.mean(axis=axes, keepdims=True)
+    invstd = 1.0 / np.sqrt(x.var(axis=axes, keepdims=True) + eps)
+    xhat = (x - mean) * invstd
+    w = 1.0 if weight is None else _per_feature(np.asarray(weight, np.float64), x.ndim, axis)
+    dx = w * invstd * (dy - dy.mean(axis=axes, keepdims=True) - xhat * (dy * xhat).mean(axis=axes, keepdims=True))
+    return dx, (dy * xhat).sum(axis=axes), dy.sum(axis=axes)

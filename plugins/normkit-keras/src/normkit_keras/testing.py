@@ -169,6 +169,17 @@ def _bn_reference(axis: int, eps: float, momentum: float, center: bool, scale: b
     return ref
 
 
+def _bn_reference_gradients(axis: int, eps: float, center: bool, scale: bool):
+    """Float64 training-mode gradients under Keras's weight names (gamma, beta)."""
+    from normkit.testing import reference
+
+    def ref(x: np.ndarray, upstream: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
+        dx, dgamma, dbeta = reference.batch_norm_grad(x, upstream, state.get("gamma") if scale else None, axis=axis, eps=eps)
+        return dx, {**({"gamma": dgamma} if scale else {}), **({"beta": dbeta} if center else {})}
+
+    return ref
+
+
 def _affine_reference(fn: Callable[..., np.ndarray], *, weight: str | None = "gamma", bias: str | None = "beta", **kw):
     def ref(x: np.ndarray, state: dict, training: bool) -> tuple[np.ndarray, dict]:
         w = state.get(weight) if weight else None
@@ -255,6 +266,7 @@ class KerasHarness:
                 id=f"BatchNormalization-{id}-{dtype}", make_normkit=ours, make_native=native, input_shape=shape,
                 reference=_bn_reference(axis, 1e-3, momentum, center, scale), dtype=dtype,
                 data_offset=data_offset, extra=native_wrong("BatchNormalization", dtype, data_offset),
+                reference_gradients=_bn_reference_gradients(axis, 1e-3, center, scale),
             ))
 
         for dtype in ("float64", "float32"):

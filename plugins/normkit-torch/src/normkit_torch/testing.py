@@ -161,6 +161,21 @@ _IN_CASES: list[tuple[int, tuple[int, ...], dict, bool]] = [
 ]
 
 
+def _batch_norm_reference_gradients(eps: float, affine: bool, bias: bool) -> Callable:
+    """Float64 training-mode gradients under torch's parameter names."""
+
+    def ref(x: np.ndarray, upstream: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
+        dx, dw, db = reference.batch_norm_grad(x, upstream, state.get("weight") if affine else None, axis=1, eps=eps)
+        grads = {}
+        if affine:
+            grads["weight"] = dw
+            if bias:
+                grads["bias"] = db
+        return dx, grads
+
+    return ref
+
+
 def _bn_cases() -> list[LayerCase]:
     cases = []
     for rank, shape, opts, dtype, offset, randomize in _BN_CASES:
@@ -174,6 +189,7 @@ def _bn_cases() -> list[LayerCase]:
             id=f"{ours.__name__}-{'x'.join(map(str, shape))}-{_kwargs_id(opts)}-{dtype}{suffix}",
             make_normkit=make_ours, make_native=make_native, input_shape=shape,
             reference=_batch_norm_reference(momentum, eps, track), dtype=dtype, data_offset=offset,
+            reference_gradients=_batch_norm_reference_gradients(eps, opts.get("affine", True), opts.get("bias", True)),
         ))
     return cases
 
