@@ -2,6 +2,10 @@
 
 The layers are imported on first access (PEP 562), so that normkit's entry module
 ``normkit_keras._plugin`` can be loaded without importing keras or tensorflow.
+
+On the TensorFlow backend ``BatchNormalization`` trains through TensorFlow's fused kernel where the
+plugin's measurements found it faster; ``normkit_keras.set_kernel_policy("core")`` (or
+``NORMKIT_KERAS_KERNELS=core``) forces the generic core.
 """
 
 from __future__ import annotations
@@ -21,16 +25,22 @@ _LAYERS = {
     "MinMaxScale": "normkit_keras._preprocessing",
 }
 
-__all__ = list(_LAYERS)
+_FUNCTIONS = {
+    "set_kernel_policy": "normkit_keras._kernels",
+    "get_kernel_policy": "normkit_keras._kernels",
+}
+
+__all__ = list(_LAYERS) + list(_FUNCTIONS)
 
 if TYPE_CHECKING:
     from normkit_keras._batch_normalization import BatchNormalization
+    from normkit_keras._kernels import get_kernel_policy, set_kernel_policy
     from normkit_keras._family import GroupNormalization, LayerNormalization, RMSNormalization, UnitNormalization
     from normkit_keras._preprocessing import MinMaxScale, Standardize
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAYERS.get(name)
+    module = _LAYERS.get(name) or _FUNCTIONS.get(name)
     if module is None:
         raise AttributeError(f"module 'normkit_keras' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)

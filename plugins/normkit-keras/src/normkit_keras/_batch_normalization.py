@@ -5,6 +5,12 @@ the old moving value (the core takes ``1 - momentum``), biased variance in the o
 ``moving_variance`` (``correction=0``), a batch of one in training gives ``beta``
 (``allow_single_value``). Unlike Keras on the torch backend, the variance is always two-pass, so
 data far from zero (mean 1e4) never gives a negative variance or NaN.
+
+On the TensorFlow backend, training-mode batch norm with features last (rank 2-4, float32 compute
+dtype, no mask, no renorm, not synchronized) runs TensorFlow's fused kernel, which the plugin hook
+``normkit_kernel`` offers (``_kernels``, decision table in ``_plugin``), chosen once per layer and
+(dtype, layout); ``normkit_keras.set_kernel_policy("core")`` or ``NORMKIT_KERAS_KERNELS=core``
+forces the core.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from keras import constraints, initializers, regularizers
 import normkit
 from normkit._namespace import stop_gradient
 from normkit_keras._backend import backend_name, backend_namespace, cast, dtype_name, in_compute_dtype, native
+from normkit_keras._kernels import kernels_enabled, layout_of
 
 __all__ = ["BatchNormalization"]
 
@@ -177,10 +184,17 @@ class BatchNormalization(keras.layers.Layer):
             if self.synchronized and _replicas() > 1:
                 y, new_mean, new_var = self._synchronized(x, moving_mean, moving_variance, gamma, beta)
             else:
-                y, new_mean, new_var = normkit.batch_norm(
-                    x, moving_mean, moving_variance, gamma, beta, training=True, momentum=1.0 - self.momentum,
-                    eps=self.epsilon, axis=self.axis, mask=mask, correction=0, allow_single_value=True, xp=xp,
-                )
+                kernel = None if mask is not None or self.synchronized else self._train_kernel(x, dtype)
+                if kernel is not None:
+                    y, mean, var = kernel(x, gamma, beta, self.epsilon)
+                    m = self.momentum
+                    new_mean = moving_mean * m + mean * (1.0 - m)
+                    new_var = moving_variance * m + var * (1.0 - m)
+                else:
+                    y, new_mean, new_var = normkit.batch_norm(
+                        x, moving_mean, moving_variance, gamma, beta, training=True, momentum=1.0 - self.momentum,
+                        eps=self.epsilon, axis=self.axis, mask=mask, correction=0, allow_single_value=True, xp=xp,
+                    )
             self.moving_mean.assign(new_mean)
             self.moving_variance.assign(new_var)
         else:
@@ -188,6 +202,28 @@ class BatchNormalization(keras.layers.Layer):
                 x, moving_mean, moving_variance, gamma, beta, training=False, eps=self.epsilon, axis=self.axis, xp=xp,
             ).output
         return cast(xp, y, self.compute_dtype)
+
+    def _train_kernel(self, x, dtype):
+        """The fused kernel for training on ``x`` (already in the compute dtype), or None for the core.
+
+        Asked of the plugin hook once per layer and (dtype, layout), then kept in the plain dict
+        ``_normkit_kernels`` (not a Keras weight, not tracked); only on the TensorFlow backend and
+        under the ``"auto"`` kernel policy (``normkit_keras.set_kernel_policy``).
+        """
+        if backend_name() != "tensorflow" or not kernels_enabled():
+            return None
+        if any(d == 0 for d in x.shape):  # an empty batch (statically): the core's semantics
+            return None
+        key = (dtype, layout_of(len(x.shape), self.axis))
+        table = self.__dict__.get("_normkit_kernels")
+        if table is None:
+            table = {}
+            object.__setattr__(self, "_normkit_kernels", table)  # bypass Keras/TF attribute tracking
+        if key not in table:
+            from normkit.plugin.manager import kernel as resolve
+
+            table[key] = resolve("batch_norm_train", self._xp, "cpu", getattr(self._xp, dtype), key[1])
+        return table[key]
 
     def _renorm(self, x, mask, gamma, beta, dtype):
         """Batch renormalization (Ioffe 2017) as Keras computes it: ``y = norm(x) * (r * gamma) + (d * gamma + beta)``.

@@ -3,10 +3,27 @@
 Thin on purpose: importing this module imports neither keras nor tensorflow. A type is only
 looked at when its library is already in ``sys.modules`` (an array of a library that was never
 imported cannot exist), as array-api-compat does.
+
+Kernels (``normkit_kernel``). ``BatchNormalization`` asks, once per layer and (dtype, layout) on
+the TensorFlow backend, for ``"batch_norm_train"``: ``(x, gamma, beta, eps) -> (y, mean,
+var_biased)`` with features on the last axis (contract in ``_kernels``). Layout keys: ``"nc"``
+(rank 2), ``"nlc"`` (rank 3), ``"nhwc"`` (rank 4), ``"ndhwc"`` (rank 5), features last. Masks,
+renorm, synchronized replicas, inference and ``trainable=False`` never ask: they stay on the core.
+
+Decision table (``KERNELS``), TensorFlow namespace, any device string:
+
+| op | dtype | layout | kernel |
+|---|---|---|---|
+| batch_norm_train | float32 (float16/bfloat16 input is computed as float32) | nhwc, nlc, nc | fused (``_kernels.tensorflow_fused_batch_norm_train``) |
+| anything else (float64: no fused kernel in TF; ndhwc, other axes, eval, other namespaces) | | | None: the generic core |
+
+Measured (``benchmarks/run.py``'s Keras part and the table in ``README.md``): time of the layer
+with the kernel / time of ``keras.layers.BatchNormalization``, inside ``tf.function``, one thread.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any
 
@@ -15,6 +32,7 @@ from normkit import hookimpl
 __all__ = [
     "normkit_array_namespace",
     "normkit_frameworks",
+    "normkit_kernel",
     "normkit_test_backends",
     "normkit_test_harnesses",
 ]
@@ -78,3 +96,32 @@ def normkit_test_harnesses() -> list[Any]:
     from normkit_keras.testing import KerasHarness
 
     return [KerasHarness()]
+
+
+_FUSED_TRAIN = "normkit_keras._kernels:tensorflow_fused_batch_norm_train"
+
+# (op, dtype name, layout) -> "module:function"; anything absent: None (the generic core)
+KERNELS: dict[tuple[str, str, str], str] = {
+    ("batch_norm_train", "float32", "nhwc"): _FUSED_TRAIN,
+    ("batch_norm_train", "float32", "nlc"): _FUSED_TRAIN,
+    ("batch_norm_train", "float32", "nc"): _FUSED_TRAIN,
+}
+
+
+def _load(target: str) -> Any:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@hookimpl
+def normkit_kernel(op: str, xp: Any, device: Any, dtype: Any, layout: str) -> Any:
+    """TensorFlow's fused batch norm per ``KERNELS`` for the TensorFlow namespace; None otherwise."""
+    if "tensorflow" not in sys.modules:
+        return None
+    from normkit_keras._namespaces import tensorflow_namespace
+
+    if xp is not tensorflow_namespace():
+        return None
+    dtype_name = getattr(dtype, "name", None) or str(dtype).rpartition(".")[2]
+    target = KERNELS.get((op, dtype_name, layout))
+    return None if target is None else _load(target)
