@@ -34,7 +34,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normkit_torch import _functional
+from normkit_torch import _functional, _kernels
+from normkit_torch._functional import _POLICY
 
 __all__ = [
     "BatchNorm",
@@ -67,6 +68,9 @@ def check_features(channels: int, **tensors: Optional[Tensor]) -> None:
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _OPS = ("batch_norm_train", "batch_norm_eval")
 _CORE = {"batch_norm_train": _functional.batch_norm_train, "batch_norm_eval": _functional.batch_norm_eval}
+_NATIVE_TRAIN = _kernels.native_batch_norm_train
+_NATIVE_EVAL = _kernels.native_batch_norm_eval
+_HYBRID_TRAIN = _kernels.function_or_native_batch_norm_train
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -122,22 +126,86 @@ class _NormkitBatchNorm:
 
     def forward(self: Any, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        momentum: Any = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                if _functional.is_compiling():  # no float(tensor) in a graph: a 0-d tensor instead
-                    momentum = 1.0 / self.num_batches_tracked.to(self.running_mean.dtype)
-                else:
-                    momentum = 1.0 / float(self.num_batches_tracked)
-        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        use_buffers = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_buffers else None
-        running_var = self.running_var if use_buffers else None
-        kernel = self._normkit_kernel("batch_norm_train" if batch_stats else "batch_norm_eval", input)
-        return _batch_norm(
-            input, running_mean, running_var, self.weight, self.bias, batch_stats, momentum, self.eps, kernel
-        )
+        # parameters and buffers straight from their dicts (Module.__getattr__ costs ~0.6 us a name);
+        # a name moved out of them (parametrize, weight hooks) is read as an attribute
+        params, buffers = self._parameters, self._buffers
+        weight = params["weight"] if "weight" in params else self.weight
+        bias = params["bias"] if "bias" in params else self.bias
+        running_mean = buffers["running_mean"] if "running_mean" in buffers else self.running_mean
+        running_var = buffers["running_var"] if "running_var" in buffers else self.running_var
+        training = self.training
+        momentum: Any = self.momentum
+        if training and self.track_running_stats:
+            tracked = buffers["num_batches_tracked"] if "num_batches_tracked" in buffers else self.num_batches_tracked
+            if tracked is not None:
+                tracked.add_(1)
+                if momentum is None:  # cumulative moving average
+                    if _functional.is_compiling():  # no float(tensor) in a graph: a 0-d tensor instead
+                        momentum = 1.0 / tracked.to(running_mean.dtype)
+                    else:
+                        momentum = 1.0 / float(tracked)
+        if momentum is None:
+            momentum = 0.0
+        if training:
+            batch_stats = True
+            if not self.track_running_stats:
+                running_mean = running_var = None
+        else:
+            batch_stats = running_mean is None and running_var is None
+        eps = self.eps
+        # the kernel of this configuration, chosen once per module (see _normkit_kernel)
+        table = self.__dict__.get("_normkit_kernels") if _POLICY[0] == "auto" else None
+        if table is not None:
+            kernel = table.get((
+                "batch_norm_train" if batch_stats else "batch_norm_eval",
+                "cpu" if input.is_cpu else input.device.type,
+                input.dtype,
+                _functional.layout_of(input),
+            ))
+            if kernel is None:
+                kernel = self._normkit_kernel("batch_norm_train" if batch_stats else "batch_norm_eval", input)
+        else:
+            kernel = self._normkit_kernel("batch_norm_train" if batch_stats else "batch_norm_eval", input)
+        # aten's batch norm: called the way F.batch_norm calls it, with the module's own buffers (aten
+        # updates them in place, torch.nn's exact update; it checks the feature counts itself)
+        if (
+            kernel is _NATIVE_TRAIN
+            or kernel is _NATIVE_EVAL
+            or (kernel is _HYBRID_TRAIN and _records_grad(input, weight, bias))
+        ) and _aten_dtypes(input, weight, bias, running_mean, running_var) and not isinstance(momentum, Tensor):
+            if batch_stats:
+                check_batch_size(input)
+                if eps <= 0.0:
+                    raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+            elif eps < 0.0:
+                raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+            return torch.batch_norm(
+                input, weight, bias, running_mean, running_var, batch_stats, momentum, eps,
+                False if input.is_cpu else torch.backends.cudnn.enabled,
+            )
+        return _batch_norm(input, running_mean, running_var, weight, bias, batch_stats, momentum, eps, kernel)
+
+
+def _records_grad(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
+    """True when autograd will record a batch-norm call on these tensors (function_or_native's test)."""
+    return torch.is_grad_enabled() and (
+        input.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
+
+
+def _aten_dtypes(input: Tensor, *per_channel: Optional[Tensor]) -> bool:
+    """True when aten takes these tensors as they are: every per-channel tensor in the statistics dtype
+    (float32 for half-precision input, else the input's). Anything else goes through the kernel's
+    wrapper, which converts."""
+    dtype = input.dtype
+    if dtype is torch.float16 or dtype is torch.bfloat16:
+        dtype = torch.float32
+    for t in per_channel:
+        if t is not None and t.dtype is not dtype:
+            return False
+    return True
 
 
 def _batch_norm(
