@@ -309,3 +309,72 @@ def test_compiled_kernels_fullgraph(layout, shape, cl, _fresh_dynamo):
     _assert_same(got, want, **TIGHT)
     noisy = [str(w.message) for w in caught if "dynamo" in str(w.message).lower() or "graph break" in str(w.message)]
     assert not noisy, noisy
+
+
+# ---------------------------------------------------------------- the aten path with the module's buffers
+
+
+@pytest.mark.parametrize("shape,cl", [((16, 16, 8, 8), False), ((8, 4, 32, 40), True), ((256, 12), False)],
+                         ids=["small", "channels_last", "dense"])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum=0.1", "momentum=None"])
+def test_aten_path_bitwise_equal_to_torch_nn_float32(shape, cl, momentum):
+    """Where aten is chosen the module calls it as torch.nn does, with its own buffers: outputs, running
+    statistics and gradients are torch.nn's bit for bit (float32, with and without autograd)."""
+    ours_cls, torch_cls = _classes(shape)
+    native = randomize(torch_cls(shape[1], momentum=momentum))
+    ours = ours_cls(shape[1], momentum=momentum)
+    ours.load_state_dict(native.state_dict())
+    for step in range(3):
+        x = _input(shape, cl, step, torch.float32)
+        for m in (ours, native):
+            m.zero_grad(set_to_none=True)
+        xs = [x.clone().requires_grad_(True) for _ in range(2)]
+        ys = [m(xi) for m, xi in zip((ours, native), xs)]
+        for y in ys:
+            y.backward(torch.ones_like(y))
+        torch.testing.assert_close(ys[0], ys[1], rtol=0, atol=0)
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=0, atol=0)
+        torch.testing.assert_close(ours.weight.grad, native.weight.grad, rtol=0, atol=0)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), native(x), rtol=0, atol=0)
+        for k, v in native.state_dict().items():
+            torch.testing.assert_close(ours.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    ours.eval(), native.eval()
+    x = _input(shape, cl, 9, torch.float32)
+    torch.testing.assert_close(ours(x), native(x), rtol=0, atol=0)
+
+
+def test_aten_path_feature_count_errors_like_torch():
+    """The aten call checks the per-channel tensors itself: torch's messages, in torch's order."""
+    for training in (True, False):
+        ours, theirs = nkt.BatchNorm2d(3), nn.BatchNorm2d(3)
+        ours.train(training), theirs.train(training)
+        x = torch.randn(4, 5, 2, 2)
+        with pytest.raises(RuntimeError) as want:
+            theirs(x)
+        with pytest.raises(RuntimeError, match=f"^{want.value}$"):
+            ours(x)
+
+
+def test_parametrized_weight_and_mixed_dtypes_fall_back():
+    """A weight moved out of _parameters (parametrize) is read as an attribute; per-channel tensors in
+    another dtype than aten takes go through the kernel's converting wrapper (torch.nn's results)."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    ours, theirs = nkt.BatchNorm2d(3, dtype=F64), nn.BatchNorm2d(3, dtype=F64)
+    for m in (ours, theirs):
+        parametrize.register_parametrization(m, "weight", Double())
+    x = _input((4, 3, 5, 6), False, 0)
+    torch.testing.assert_close(ours(x), theirs(x), **TIGHT)
+    assert_state = {k: v for k, v in theirs.state_dict().items()}
+    for k, v in ours.state_dict().items():
+        torch.testing.assert_close(v, assert_state[k], **TIGHT)
+    # float16 module, float16 input: aten's mixed-type path does not apply, the wrapper widens
+    half, ref = nkt.BatchNorm2d(3).half(), nn.BatchNorm2d(3)
+    xh = _input((4, 3, 5, 6), False, 1, torch.float16)
+    torch.testing.assert_close(half(xh).float(), ref(xh.float()), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(half.running_var.float(), ref.running_var, rtol=2e-3, atol=2e-3)
