@@ -15,7 +15,17 @@ in it is resolved on its first eager call. It is not in the state_dict, and deep
 (kernels are module-level functions). A forward call only computes the layout key
 (``_functional.layout_of``: shape and stride checks) and reads the dict, so torch.compile
 (fullgraph=True) traces it without a graph break; while compiling, a configuration missing from the
-dict uses the generic core. ``normkit_torch.set_kernel_policy("core")`` or
+dict uses the generic core.
+
+The aten path: where the chosen kernel is aten's (``_kernels.native_batch_norm_*``, or
+``function_or_native`` when autograd records) and the per-channel tensors are already in the dtype
+aten takes, ``forward`` calls ``torch.batch_norm`` exactly as ``F.batch_norm`` does, with the module's
+running buffers: aten updates them in place (torch.nn's own update, bit for bit) and checks the
+feature counts itself (torch's messages), so no ``(y, mean, var_biased)`` round trip, zero buffers
+or ``lerp_`` remain on the call path. Parameters and buffers are read from ``_parameters`` /
+``_buffers`` (``Module.__getattr__`` costs about 0.6 us a name), falling back to attribute access for
+a name moved out of them (``torch.nn.utils.parametrize``). Every other kernel (the core, ``_autograd``,
+dtype conversions) keeps the contract below. ``normkit_torch.set_kernel_policy("core")`` or
 ``NORMKIT_TORCH_KERNELS=core`` makes every module use the generic core (the reference).
 
 training:  y = (x - mean_B) / sqrt(var_B + eps) * weight + bias   (var_B biased)

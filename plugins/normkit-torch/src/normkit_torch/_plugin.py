@@ -58,8 +58,10 @@ _autograd 2.9-4.5. float16 (5 rounds): aten 0.96-1.24 fwd+bwd where core is 4.9-
 What the numbers say: the generic core is never the fastest on CPU; _autograd's forward is the
 fastest on row-major input in float32 (0.77-0.88x native) but its forward+backward is not (1.07-1.73x
 vs aten's 0.94-1.19x), hence function-or-aten there; aten wins every other cell. The remaining gap on
-small inputs (aten 1.4-1.9x) is the module's per-call Python and per-channel ops (running-stat
-update, the contract's biased variance), not the kernel. CUDA and other devices are not in the
+small inputs (aten 1.4-1.9x) was the module's per-call Python and per-channel ops (running-stat
+update, the contract's biased variance), not the kernel: the modules now call aten with their own
+buffers where it is chosen (``_batchnorm``'s "aten path"), which brought the small and dense cells
+to about 0.8-1.05x (benchmarks/run.py). CUDA and other devices are not in the
 table: not measured here (no GPU), so the generic core stays their default until they are.
 """
 
