@@ -23,7 +23,7 @@ from keras import constraints, initializers, regularizers
 import normkit
 from normkit._namespace import stop_gradient
 from normkit_keras._backend import backend_name, backend_namespace, cast, dtype_name, in_compute_dtype, native
-from normkit_keras._kernels import kernels_enabled, layout_of
+from normkit_keras._kernels import device_of_trace, kernels_enabled, layout_of
 
 __all__ = ["BatchNormalization"]
 
@@ -206,7 +206,8 @@ class BatchNormalization(keras.layers.Layer):
     def _train_kernel(self, x, dtype):
         """The fused kernel for training on ``x`` (already in the compute dtype), or None for the core.
 
-        Asked of the plugin hook once per layer and (dtype, layout), then kept in the plain dict
+        Asked of the plugin hook once per layer and (dtype, layout, device: ``"tf"``, or ``"xla"``
+        while a ``jit_compile`` function traces), then kept in the plain dict
         ``_normkit_kernels`` (not a Keras weight, not tracked); only on the TensorFlow backend and
         under the ``"auto"`` kernel policy (``normkit_keras.set_kernel_policy``).
         """
@@ -214,7 +215,7 @@ class BatchNormalization(keras.layers.Layer):
             return None
         if any(d == 0 for d in x.shape):  # an empty batch (statically): the core's semantics
             return None
-        key = (dtype, layout_of(len(x.shape), self.axis))
+        key = (dtype, layout_of(len(x.shape), self.axis), device_of_trace())
         table = self.__dict__.get("_normkit_kernels")
         if table is None:
             table = {}
@@ -222,7 +223,7 @@ class BatchNormalization(keras.layers.Layer):
         if key not in table:
             from normkit.plugin.manager import kernel as resolve
 
-            table[key] = resolve("batch_norm_train", self._xp, "cpu", getattr(self._xp, dtype), key[1])
+            table[key] = resolve("batch_norm_train", self._xp, key[2], getattr(self._xp, dtype), key[1])
         return table[key]
 
     def _renorm(self, x, mask, gamma, beta, dtype):
