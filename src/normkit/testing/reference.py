@@ -112,17 +112,60 @@ def min_max_scale(x, *, axis=-1, feature_range=(0.0, 1.0)):
     return lo + (x - mn) / span * (hi - lo)
 
 
+def _centered_norm_grad(x, g, axes, eps):
+    """d/dx of sum(xhat * g) for xhat = (x - mean) / sqrt(var + eps) over ``axes``: (dx, xhat)."""
+    mean = x.mean(axis=axes, keepdims=True)
+    invstd = 1.0 / np.sqrt(x.var(axis=axes, keepdims=True) + eps)
+    xhat = (x - mean) * invstd
+    dx = invstd * (g - g.mean(axis=axes, keepdims=True) - xhat * (g * xhat).mean(axis=axes, keepdims=True))
+    return dx, xhat
+
+
 def batch_norm_grad(x, upstream, weight=None, *, axis=1, eps=1e-5):
     """Training-mode gradients of sum(batch_norm(x) * upstream): (dx, dweight, dbias), all float64.
 
     xhat = (x - mean) / sqrt(var + eps); dx = w / sqrt(var + eps) * (dy - mean(dy) - xhat * mean(dy * xhat)).
     """
-    x = np.asarray(x, np.float64)
-    dy = np.asarray(upstream, np.float64)
+    x, dy = np.asarray(x, np.float64), np.asarray(upstream, np.float64)
     axes = _other_axes(x.ndim, axis)
-    mean = x.mean(axis=axes, keepdims=True)
-    invstd = 1.0 / np.sqrt(x.var(axis=axes, keepdims=True) + eps)
-    xhat = (x - mean) * invstd
     w = 1.0 if weight is None else _per_feature(np.asarray(weight, np.float64), x.ndim, axis)
-    dx = w * invstd * (dy - dy.mean(axis=axes, keepdims=True) - xhat * (dy * xhat).mean(axis=axes, keepdims=True))
+    dx, xhat = _centered_norm_grad(x, dy * w, axes, eps)
     return dx, (dy * xhat).sum(axis=axes), dy.sum(axis=axes)
+
+
+def layer_norm_grad(x, upstream, weight=None, *, axis=-1, eps=1e-5):
+    """Gradients of sum(layer_norm(x) * upstream) over the normalized ``axis``: (dx, dweight, dbias)."""
+    x, dy = np.asarray(x, np.float64), np.asarray(upstream, np.float64)
+    axes = tuple(sorted(a % x.ndim for a in np.atleast_1d(axis)))
+    other = tuple(i for i in range(x.ndim) if i not in axes)
+    shape = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
+    w = 1.0 if weight is None else np.reshape(np.asarray(weight, np.float64), shape)
+    dx, xhat = _centered_norm_grad(x, dy * w, axes, eps)
+    return dx, (dy * xhat).sum(axis=other), dy.sum(axis=other)
+
+
+def group_norm_grad(x, upstream, num_groups, weight=None, *, axis=1, eps=1e-5):
+    """Gradients of sum(group_norm(x) * upstream), groups of consecutive channels along ``axis``."""
+    x, dy = np.asarray(x, np.float64), np.asarray(upstream, np.float64)
+    c_axis = axis % x.ndim
+    xm, dym = np.moveaxis(x, c_axis, 1), np.moveaxis(dy, c_axis, 1)
+    w = 1.0 if weight is None else _per_feature(np.asarray(weight, np.float64), xm.ndim, 1)
+    grouped = (xm.shape[0], num_groups, -1)
+    dxg, xhat = _centered_norm_grad(xm.reshape(grouped), (dym * w).reshape(grouped), (2,), eps)
+    dx = np.moveaxis(dxg.reshape(xm.shape), 1, c_axis)
+    xhat = xhat.reshape(xm.shape)
+    other = tuple(i for i in range(xm.ndim) if i != 1)
+    return dx, (dym * xhat).sum(axis=other), dym.sum(axis=other)
+
+
+def rms_norm_grad(x, upstream, weight=None, *, axis=-1, eps=1e-6):
+    """Gradients of sum(rms_norm(x) * upstream): (dx, dweight); r = 1/sqrt(mean(x**2) + eps), dx = r g - x r**3 mean(g x)."""
+    x, dy = np.asarray(x, np.float64), np.asarray(upstream, np.float64)
+    axes = tuple(sorted(a % x.ndim for a in np.atleast_1d(axis)))
+    other = tuple(i for i in range(x.ndim) if i not in axes)
+    shape = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
+    w = 1.0 if weight is None else np.reshape(np.asarray(weight, np.float64), shape)
+    r = 1.0 / np.sqrt((x**2).mean(axis=axes, keepdims=True) + eps)
+    g = dy * w
+    dx = r * g - x * r**3 * (g * x).mean(axis=axes, keepdims=True)
+    return dx, (dy * x * r).sum(axis=other)

@@ -180,6 +180,30 @@ def _bn_reference_gradients(axis: int, eps: float, center: bool, scale: bool):
     return ref
 
 
+def _affine_reference_gradients(fn: Callable[..., tuple], *, weight: str | None = "gamma", bias: str | None = "beta", **kw):
+    """Float64 gradients (dx, {weight: dw, bias: db}) for the weights the layer has, by Keras's names."""
+
+    def ref(x: np.ndarray, upstream: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
+        out = fn(x, upstream, state.get(weight) if weight else None, **kw)
+        grads = {}
+        if weight and weight in state:
+            grads[weight] = out[1]
+        if bias and bias in state:
+            grads[bias] = out[2]
+        return out[0], grads
+
+    return ref
+
+
+def _group_norm_grad(groups: int) -> Callable[..., tuple]:
+    from normkit.testing import reference
+
+    def fn(x: np.ndarray, upstream: np.ndarray, w: Any, **kw: Any) -> tuple:
+        return reference.group_norm_grad(x, upstream, groups, w, **kw)
+
+    return fn
+
+
 def _affine_reference(fn: Callable[..., np.ndarray], *, weight: str | None = "gamma", bias: str | None = "beta", **kw):
     def ref(x: np.ndarray, state: dict, training: bool) -> tuple[np.ndarray, dict]:
         w = state.get(weight) if weight else None
@@ -280,28 +304,33 @@ class KerasHarness:
         bn("no-affine", (4, 6, 5), center=False, scale=False)
         bn("dense-offset1e4", (16, 5), "float32", data_offset=1e4)
 
-        def family(id: str, cls_name: str, shape: tuple, ref: Callable, dtype: str = "float64", **kwargs: Any) -> None:
+        def family(id: str, cls_name: str, shape: tuple, ref: Callable, grads: Callable, dtype: str = "float64",
+                   **kwargs: Any) -> None:
             ours, native = self._pair(cls_name, shape, dtype, **kwargs)
             cases.append(LayerCase(
                 id=f"{cls_name}-{id}-{dtype}", make_normkit=ours, make_native=native, input_shape=shape,
-                reference=ref, dtype=dtype,
+                reference=ref, dtype=dtype, reference_gradients=grads,
                 extra=native_wrong(cls_name, dtype, 0.0, kwargs.get("axis", -1)),
             ))
 
+        def ln(axis: Any) -> tuple[Callable, Callable]:
+            return (_affine_reference(reference.layer_norm, axis=axis, eps=1e-3),
+                    _affine_reference_gradients(reference.layer_norm_grad, axis=axis, eps=1e-3))
+
+        def gn(groups: int, axis: int) -> tuple[Callable, Callable]:
+            return (_affine_reference(_group_norm(groups), axis=axis, eps=1e-3),
+                    _affine_reference_gradients(_group_norm_grad(groups), axis=axis, eps=1e-3))
+
+        rms = (_affine_reference(reference.rms_norm, weight="scale", bias=None, axis=-1, eps=1e-6),
+               _affine_reference_gradients(reference.rms_norm_grad, weight="scale", bias=None, axis=-1, eps=1e-6))
         for dtype in ("float64", "float32"):
-            family("last", "LayerNormalization", (4, 6, 5), _affine_reference(reference.layer_norm, axis=-1, eps=1e-3), dtype)
-            family("axes12", "LayerNormalization", (2, 5, 6, 3),
-                   _affine_reference(reference.layer_norm, axis=(1, 2), eps=1e-3), dtype, axis=[1, 2])
-            family("groups2", "GroupNormalization", (2, 5, 6, 4),
-                   _affine_reference(_group_norm(2), axis=-1, eps=1e-3), dtype, groups=2)
-            family("rms", "RMSNormalization", (4, 6, 5),
-                   _affine_reference(reference.rms_norm, weight="scale", bias=None, axis=-1, eps=1e-6), dtype)
-        family("no-center", "LayerNormalization", (4, 6, 5),
-               _affine_reference(reference.layer_norm, axis=-1, eps=1e-3), center=False)
-        family("instance", "GroupNormalization", (2, 5, 6, 4),
-               _affine_reference(_group_norm(4), axis=-1, eps=1e-3), groups=-1)
-        family("axis1", "GroupNormalization", (2, 6, 5),
-               _affine_reference(_group_norm(3), axis=1, eps=1e-3), groups=3, axis=1)
+            family("last", "LayerNormalization", (4, 6, 5), *ln(-1), dtype)
+            family("axes12", "LayerNormalization", (2, 5, 6, 3), *ln((1, 2)), dtype, axis=[1, 2])
+            family("groups2", "GroupNormalization", (2, 5, 6, 4), *gn(2, -1), dtype, groups=2)
+            family("rms", "RMSNormalization", (4, 6, 5), *rms, dtype)
+        family("no-center", "LayerNormalization", (4, 6, 5), *ln(-1), center=False)
+        family("instance", "GroupNormalization", (2, 5, 6, 4), *gn(4, -1), groups=-1)
+        family("axis1", "GroupNormalization", (2, 6, 5), *gn(3, 1), groups=3, axis=1)
         return cases
 
     # the protocol -----------------------------------------------------------------------------
