@@ -209,3 +209,18 @@ def test_gradients_match_jax_grad_of_reference():
 
     for a, e in zip(jax.grad(ours, argnums=(0, 1, 2))(x, w, b), jax.grad(plain, argnums=(0, 1, 2))(x, w, b)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape,axis", [((3, 4, 16, 20), 1), ((64, 8), 1), ((5, 16, 20, 4), -1)],
+                         ids=["nchw-long-runs", "dense", "channels-last"])
+def test_numpy_fast_path_equals_reference_and_leaves_input(shape, axis):
+    """NumPy's in-place path (vecdot for runs of >= 256 values per feature, einsum otherwise)."""
+    x, rm, rv, w, b = _data(shape, axis, "float64", seed=5)
+    x = x + 1e3
+    x0 = x.copy()
+    for training in (True, False):
+        out = nk.batch_norm(x, rm, rv, w, b, training=training, axis=axis)
+        want = reference.batch_norm(x, rm, rv, w, b, training=training, axis=axis)
+        for got, exp in zip(out, want):
+            np.testing.assert_allclose(got, exp, rtol=1e-10, atol=1e-10)
+    np.testing.assert_array_equal(x, x0)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import numpy as np
-
+from normkit import _numpy_fast as numpy_fast
 from normkit._moments import dynamic_count, raw_moments
 from normkit._namespace import array_namespace, stop_gradient
 from normkit._validate import as_param, compute_dtype, feature_axis, positive_eps, require_floating, static_count
@@ -101,9 +100,9 @@ def batch_norm(
         if count is not None and count <= 1 and not allow_single_value and mask is None:
             raise _single_value_error(x)
         weights = None if mask is None else _mask_weights(xp, mask, x, f)
-        fast = weights is None and count is not None and _numpy_kernel(xp, xc)
+        fast = weights is None and count is not None and numpy_fast.applies(xp, xc)
         if fast:
-            mean, centered, var = _numpy_centered_moments(xc, f, count)
+            mean, centered, var = numpy_fast.centered_moments(xc, f, count)
         else:
             mean, centered, var = raw_moments(xp, xc, axes, weights)
         # y = (x - mean) * scale + bias: centering first keeps float32 data far from zero (mean 1e4)
@@ -112,9 +111,7 @@ def batch_norm(
         if w is not None:
             scale = scale * xp.reshape(w, bshape)
         if fast:  # in place on our own temporary: no further full-size array
-            y = np.multiply(centered, scale, out=centered)
-            if b is not None:
-                np.add(y, xp.reshape(b, bshape), out=y)
+            y = numpy_fast.scale_shift_in_place(centered, scale, None if b is None else xp.reshape(b, bshape))
         else:
             y = centered * scale
             if b is not None:
@@ -156,52 +153,14 @@ def batch_norm(
     # (x - running_mean) * scale + bias, centred first like training: x * scale + shift would lose
     # about |mean| * eps on data far from zero (1e-3 at mean 1e4 in float32, as Keras's layer does)
     rm, scale = xp.reshape(rm, bshape), xp.reshape(scale, bshape)
-    if _numpy_kernel(xp, xc):  # in place on our own difference: one full-size temporary
-        y = np.subtract(xc, rm)
-        np.multiply(y, scale, out=y)
-        if b is not None:
-            np.add(y, xp.reshape(b, bshape), out=y)
+    if numpy_fast.applies(xp, xc):  # in place on our own difference: one full-size temporary
+        y = numpy_fast.scale_shift_in_place(xc - rm, scale, None if b is None else xp.reshape(b, bshape))
     else:
         y = (xc - rm) * scale
         if b is not None:
             y = y + xp.reshape(b, bshape)
     out = y if y.dtype == x.dtype else xp.astype(y, x.dtype)
     return BatchNormResult(out, running_mean, running_var)
-
-
-_VECDOT_MIN_RUN = 256
-
-
-def _numpy_kernel(xp: Any, x: Any) -> bool:
-    """True for a C-contiguous NumPy array: the training forward then runs ``_numpy_moments``."""
-    return getattr(xp, "__name__", "") == "array_api_compat.numpy" and type(x) is np.ndarray and x.flags.c_contiguous
-
-
-def _numpy_centered_moments(xc: Any, f: int, count: int) -> tuple[Any, Any, Any]:
-    """``(mean, centered, var)`` (keepdims) for NumPy with one full-size temporary, ``centered``.
-
-    x is viewed as (outer, C, run). ``s = x - first sample`` gives the mean (the shift keeps NumPy's
-    naive summation over a non-contiguous axis accurate); ``s -= mean(s)`` turns it into ``x - mean``
-    in place (our own temporary, never the input). The squares are summed without a second
-    temporary: with runs of >= 256 values per feature (NCHW images) by a BLAS dot per run
-    (``vecdot``), about ten times faster than ``mean(c * c)``; otherwise by ``einsum``.
-    """
-    outer = 1
-    for d in xc.shape[:f]:
-        outer *= int(d)
-    c = int(xc.shape[f])
-    x3 = np.reshape(xc, (outer, c, -1))
-    shift = x3[0:1, :, 0:1]
-    s = np.subtract(x3, shift)
-    offset = np.mean(s, axis=(0, 2), keepdims=True)
-    np.subtract(s, offset, out=s)
-    if x3.shape[2] >= _VECDOT_MIN_RUN:
-        ssq = np.sum(np.vecdot(s, s, axis=-1), axis=0)
-    else:
-        ssq = np.einsum("ijk,ijk->j", s, s)
-    bshape = _broadcast_shape(xc.ndim, f, c)
-    var = (ssq / count).astype(xc.dtype, copy=False)
-    return np.reshape(shift + offset, bshape), np.reshape(s, xc.shape), np.reshape(var, bshape)
 
 
 def _ema(xp: Any, old: Any, batch: Any, momentum: Any) -> Any:
