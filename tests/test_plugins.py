@@ -122,3 +122,17 @@ def test_installed_first_party_plugins_are_found():
     assert manager.framework("torch").__name__ == "normkit_torch"
     with pytest.raises(LookupError, match="no normkit plugin provides framework 'mxnet'"):
         manager.framework("mxnet")
+
+
+def test_kernel_policy_reads_env_validates_and_switches(monkeypatch):
+    from normkit.plugin.policy import KernelPolicy
+
+    monkeypatch.setenv("NORMKIT_TEST_KERNELS", "core")
+    policy = KernelPolicy("NORMKIT_TEST_KERNELS")
+    assert policy.get() == "core" and not policy.enabled()
+    assert policy.set("auto") == "core" and policy.enabled()
+    with pytest.raises(ValueError, match=r"kernel policy must be one of \('auto', 'core'\), got 'fast'"):
+        policy.set("fast")
+    monkeypatch.setenv("NORMKIT_TEST_KERNELS", "turbo")
+    with pytest.raises(ValueError, match="NORMKIT_TEST_KERNELS must be one of"):
+        KernelPolicy("NORMKIT_TEST_KERNELS")

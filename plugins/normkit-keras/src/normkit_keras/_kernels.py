@@ -37,8 +37,9 @@ path it traced with; retrace (or build a new model / recompile) after changing i
 
 from __future__ import annotations
 
-import os
 from typing import Any
+
+from normkit.plugin.policy import KERNEL_POLICIES, KernelPolicy
 
 __all__ = [
     "KERNEL_POLICIES",
@@ -50,17 +51,7 @@ __all__ = [
     "tensorflow_fused_batch_norm_train",
 ]
 
-KERNEL_POLICIES = ("auto", "core")
-
-
-def _policy_from_env() -> str:
-    value = os.environ.get("NORMKIT_KERAS_KERNELS", "auto").strip().lower() or "auto"
-    if value not in KERNEL_POLICIES:
-        raise ValueError(f"NORMKIT_KERAS_KERNELS must be one of {KERNEL_POLICIES}, got {value!r}")
-    return value
-
-
-_POLICY = [_policy_from_env()]
+_POLICY = KernelPolicy("NORMKIT_KERAS_KERNELS")
 
 
 def set_kernel_policy(policy: str) -> str:
@@ -71,21 +62,17 @@ def set_kernel_policy(policy: str) -> str:
     normkit core. Takes effect the next time a layer's ``call`` runs in Python (a ``tf.function``
     already traced keeps its path). Initial value: ``NORMKIT_KERAS_KERNELS``.
     """
-    if policy not in KERNEL_POLICIES:
-        raise ValueError(f"kernel policy must be one of {KERNEL_POLICIES}, got {policy!r}")
-    previous = _POLICY[0]
-    _POLICY[0] = policy
-    return previous
+    return _POLICY.set(policy)
 
 
 def get_kernel_policy() -> str:
     """The current kernel policy, ``"auto"`` or ``"core"``."""
-    return _POLICY[0]
+    return _POLICY.value
 
 
 def kernels_enabled() -> bool:
     """True when the policy lets layers use plugin kernels."""
-    return _POLICY[0] == "auto"
+    return _POLICY.value == "auto"
 
 
 # rank -> layout key for features on the last axis

@@ -164,7 +164,7 @@ class _NormkitBatchNorm:
             batch_stats = running_mean is None and running_var is None
         eps = self.eps
         # the kernel of this configuration, chosen once per module (see _normkit_kernel)
-        table = self.__dict__.get("_normkit_kernels") if _POLICY[0] == "auto" else None
+        table = self.__dict__.get("_normkit_kernels") if _POLICY.value == "auto" else None
         if table is not None:
             kernel = table.get((
                 "batch_norm_train" if batch_stats else "batch_norm_eval",

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import os
+from normkit.plugin.policy import KERNEL_POLICIES, KernelPolicy
+
 
 import normkit
 import torch
@@ -52,17 +53,7 @@ __all__ = [
     "LAYOUTS",
 ]
 
-KERNEL_POLICIES = ("auto", "core")
-
-
-def _policy_from_env() -> str:
-    value = os.environ.get("NORMKIT_TORCH_KERNELS", "auto").strip().lower() or "auto"
-    if value not in KERNEL_POLICIES:
-        raise ValueError(f"NORMKIT_TORCH_KERNELS must be one of {KERNEL_POLICIES}, got {value!r}")
-    return value
-
-
-_POLICY = [_policy_from_env()]
+_POLICY = KernelPolicy("NORMKIT_TORCH_KERNELS")
 
 
 def set_kernel_policy(policy: str) -> str:
@@ -73,21 +64,17 @@ def set_kernel_policy(policy: str) -> str:
     normkit core (the reference). Takes effect on the next forward call of every module; a
     compiled graph recompiles (the policy is guarded). Initial value: ``NORMKIT_TORCH_KERNELS``.
     """
-    if policy not in KERNEL_POLICIES:
-        raise ValueError(f"kernel policy must be one of {KERNEL_POLICIES}, got {policy!r}")
-    previous = _POLICY[0]
-    _POLICY[0] = policy
-    return previous
+    return _POLICY.set(policy)
 
 
 def get_kernel_policy() -> str:
     """The current kernel policy, ``"auto"`` or ``"core"``."""
-    return _POLICY[0]
+    return _POLICY.value
 
 
 def kernels_enabled() -> bool:
     """True when the policy lets modules use plugin kernels."""
-    return _POLICY[0] == "auto"
+    return _POLICY.value == "auto"
 
 
 # inputs with at most this many elements are "small": per-call overhead decides there, not bandwidth
