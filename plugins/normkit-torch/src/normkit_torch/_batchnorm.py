@@ -183,17 +183,22 @@ class _NormkitBatchNorm:
             or kernel is _NATIVE_EVAL
             or (kernel is _HYBRID_TRAIN and _records_grad(input, weight, bias))
         ) and _aten_dtypes(input, weight, bias, running_mean, running_var) and not isinstance(momentum, Tensor):
-            if batch_stats:
-                check_batch_size(input)
-                if eps <= 0.0:
-                    raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-            elif eps < 0.0:
-                raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+            _check_mode_args(input, batch_stats, eps)
             return torch.batch_norm(
                 input, weight, bias, running_mean, running_var, batch_stats, momentum, eps,
                 False if input.is_cpu else torch.backends.cudnn.enabled,
             )
         return _batch_norm(input, running_mean, running_var, weight, bias, batch_stats, momentum, eps, kernel)
+
+
+def _check_mode_args(input: Tensor, training: bool, eps: float) -> None:
+    """torch's checks before a batch norm: more than one value per channel and eps > 0 in training, eps >= 0 otherwise."""
+    if training:
+        check_batch_size(input)
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
 def _records_grad(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
@@ -231,12 +236,7 @@ def _batch_norm(
 ) -> Tensor:
     """``F.batch_norm``'s contract: validate as torch does, compute through ``kernel`` (the core's
     function of the mode when None), update the buffers in place."""
-    if training:
-        check_batch_size(input)
-        if eps <= 0.0:
-            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    elif eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    _check_mode_args(input, training, eps)
     check_features(input.shape[1], running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     if not training:
         return (kernel or _functional.batch_norm_eval)(input, running_mean, running_var, weight, bias, eps, 1)
