@@ -75,5 +75,17 @@ def test_family_errors():
         nk.layer_norm(x, np.ones(4))
     with pytest.raises(ValueError, match="Expected more than 1 spatial element when training"):
         nk.instance_norm(np.ones((2, 3, 1)))
-    with pytest.raises(ValueError, match="eps must be > 0"):
-        nk.layer_norm(x, eps=0)
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        nk.layer_norm(x, eps=-1e-5)
+    with pytest.raises(ValueError, match="eps must be a non-negative number, got nan"):
+        nk.group_norm(x, 3, eps=float("nan"))
+    with pytest.raises(TypeError, match="eps must be a non-negative number, got str '1e-5'"):
+        nk.rms_norm(x, eps="1e-5")
+
+
+def test_family_accepts_eps_zero_as_torch_does():
+    """torch.nn.LayerNorm/GroupNorm/InstanceNorm/RMSNorm take eps=0; so does the core."""
+    x = np.random.default_rng(0).standard_normal((2, 6, 3))
+    np.testing.assert_allclose(nk.layer_norm(x, eps=0.0), reference.layer_norm(x, eps=0.0), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(nk.group_norm(x, 3, eps=0.0), reference.group_norm(x, 3, eps=0.0), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(nk.rms_norm(x, eps=0.0), reference.rms_norm(x, eps=0.0), rtol=1e-10, atol=1e-12)

@@ -1,24 +1,30 @@
 """normkit: normalization written once against the Python Array API, for every array library.
 
 The public functional API and ``hookimpl``; layers live in the plugins (normkit-torch, normkit-keras).
+Batch norm is three public steps: ``batch_moments`` (a batch's mergeable ``Moments``),
+``update_running_stats`` (the running update) and ``normalize`` (the application).
 """
 
 from normkit._backward import BatchNormGrads, batch_norm_backward
-from normkit._batch_norm import BatchNormResult, batch_norm
+from normkit._batch_norm import BatchNormResult, batch_norm, normalize
 from normkit._family import group_norm, instance_norm, layer_norm, rms_norm
-from normkit._moments import Moments, MomentsResult, moments
+from normkit._moments import Moments, MomentsResult, batch_moments, moments
 from normkit._namespace import array_namespace
 from normkit._preprocessing import min_max_scale, standardize
+from normkit._running import update_running_stats
 from normkit.plugin.spec import hookimpl
 
 from normkit._namespace import warm_up as _warm_up
 
 _warm_up()
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "batch_norm",
     "BatchNormResult",
+    "batch_moments",
+    "update_running_stats",
+    "normalize",
     "batch_norm_backward", "BatchNormGrads",
     "layer_norm",
     "group_norm",

@@ -1,4 +1,8 @@
-"""Batch normalization on any Array API namespace: per-feature statistics over every other axis.
+"""Batch normalization on any Array API namespace, composed of the core's three steps.
+
+1. statistics of the batch: ``batch_moments`` (count, mean, m2 per feature; mergeable ``Moments``);
+2. the running update: ``update_running_stats`` (momentum, Bessel ``correction``, cumulative average);
+3. the application: ``normalize``, ``y = (x - mean) * (weight / sqrt(var + eps)) + bias``, centred first.
 
 training:  y = (x - mean_B) / sqrt(var_B + eps) * weight + bias, var_B biased;
            running <- (1 - momentum) * running + momentum * batch (running var with ``correction``).
@@ -10,11 +14,25 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from normkit import _numpy_fast as numpy_fast
-from normkit._moments import dynamic_count, raw_moments
-from normkit._namespace import array_namespace, stop_gradient
-from normkit._validate import as_param, compute_dtype, feature_axis, positive_eps, require_floating, static_count
+from normkit._dispatch import call_kernel
+from normkit._moments import Moments, centered_moments
+from normkit._namespace import array_namespace
+from normkit._running import update_running_stats
+from normkit._validate import (
+    as_param,
+    compute_dtype,
+    feature_axis,
+    mask_weights,
+    momentum_value,
+    nonnegative_eps,
+    positive_eps,
+    require_floating,
+    require_floating_state,
+    static_count,
+    two_or_more_values,
+)
 
-__all__ = ["batch_norm", "BatchNormResult"]
+__all__ = ["batch_norm", "BatchNormResult", "normalize"]
 
 
 class BatchNormResult(NamedTuple):
@@ -31,23 +49,56 @@ def _broadcast_shape(ndim: int, axis: int, size: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _mask_weights(xp: Any, mask: Any, x: Any, axis: int) -> Any:
-    """``mask`` of rank ``ndim - 1`` (x's shape without the feature axis) or ``ndim``, as a broadcastable array."""
-    if mask.ndim == x.ndim - 1:
-        mask = xp.expand_dims(mask, axis=axis)
-    elif mask.ndim != x.ndim:
-        raise ValueError(
-            f"mask must have rank {x.ndim - 1} (x's shape without the feature axis) or {x.ndim}, "
-            f"got shape {tuple(mask.shape)} for x of shape {tuple(x.shape)}"
-        )
-    for i, (m, d) in enumerate(zip(mask.shape, x.shape)):
-        if m is not None and d is not None and m not in (1, d):
-            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to x of shape {tuple(x.shape)} (axis {i})")
-    return mask
-
-
 def _single_value_error(x: Any) -> ValueError:
     return ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+
+
+def _scale(xp: Any, var: Any, w: Any, eps: float) -> Any:
+    """``weight / sqrt(var + eps)`` per feature (weight None means 1)."""
+    scale = 1.0 / xp.sqrt(var + eps)
+    return scale if w is None else scale * w
+
+
+def normalize(
+    x: Any, mean: Any, var: Any, weight: Any = None, bias: Any = None, *, eps: float = 1e-5, axis: int = 1,
+    xp: Any = None,
+) -> Any:
+    """The application step: ``(x - mean) * (weight / sqrt(var + eps)) + bias`` per feature along ``axis``.
+
+    ``mean``/``var`` have one value per feature (batch or running statistics, biased variance);
+    ``x - mean`` is formed before scaling, so float32 data far from zero (mean 1e4) keeps its
+    accuracy. Half precision is computed in float32 and returned in x's dtype.
+    """
+    if xp is None:
+        xp = array_namespace(("x", x), ("mean", mean), ("var", var), ("weight", weight), ("bias", bias))
+    require_floating(xp, x)
+    two_or_more_values(x, "normalize")
+    f = feature_axis(axis, x.ndim)
+    eps = nonnegative_eps(eps)
+    return _normalize(xp, x, mean, var, weight, bias, eps, f, ("mean", "var"))
+
+
+def _normalize(xp: Any, x: Any, mean: Any, var: Any, weight: Any, bias: Any, eps: float, f: int,
+               names: tuple[str, str]) -> Any:
+    c = x.shape[f]
+    if c is None:
+        raise ValueError(f"the feature axis {f} of x must have a known size, got shape {tuple(x.shape)}")
+    dtype = compute_dtype(xp, x.dtype)
+    feat, bshape = (c,), _broadcast_shape(x.ndim, f, c)
+    m = xp.reshape(as_param(xp, mean, names[0], feat, dtype, x), bshape)
+    v = as_param(xp, var, names[1], feat, dtype, x)
+    w = as_param(xp, weight, "weight", feat, dtype, x)
+    b = as_param(xp, bias, "bias", feat, dtype, x)
+    scale = xp.reshape(_scale(xp, v, w, eps), bshape)
+    xc = x if x.dtype == dtype else xp.astype(x, dtype)
+    b = None if b is None else xp.reshape(b, bshape)
+    if numpy_fast.applies(xp, xc):  # in place on our own difference: one full-size temporary
+        y = numpy_fast.scale_shift_in_place(xc - m, scale, b)
+    else:
+        y = (xc - m) * scale
+        if b is not None:
+            y = y + b
+    return y if y.dtype == x.dtype else xp.astype(y, x.dtype)
 
 
 def batch_norm(
@@ -64,15 +115,19 @@ def batch_norm(
     mask: Any = None,
     correction: int = 1,
     allow_single_value: bool = False,
+    num_batches: Any = None,
     xp: Any = None,
 ) -> BatchNormResult:
     """Normalize ``x`` per feature along ``axis`` (1: ``(N, C, *spatial)``; -1: channels-last).
 
-    ``correction`` is the Bessel correction of the batch variance folded into ``running_var``
-    (1: torch's unbiased convention; 0: Keras's biased one). ``mask`` (rank ``ndim - 1``, True
-    where a position counts) excludes positions from the statistics. ``allow_single_value``
-    lets one value per feature train (Keras's behaviour: the output is then ``bias``) instead
-    of raising. Inputs are never mutated; running statistics come back as new arrays.
+    ``momentum`` is the weight of the new batch in the running update (torch's convention), or None
+    for the cumulative average over ``num_batches`` batches (this one included). ``correction`` is
+    the Bessel correction of the batch variance folded into ``running_var`` (1: torch's unbiased
+    convention; 0: Keras's biased one). ``mask`` (rank ``ndim - 1``, True where a position counts)
+    excludes positions from the statistics. ``allow_single_value`` lets one value per feature
+    train (Keras's behaviour: the output is then ``bias``) instead of raising. Inputs are never
+    mutated; running statistics come back as new arrays. On arrays a plugin serves with a fused
+    kernel (torch, TensorFlow) the kernel computes where the arguments fit its contract.
     """
     if xp is None:
         xp = array_namespace(
@@ -80,90 +135,77 @@ def batch_norm(
             ("weight", weight), ("bias", bias), ("mask", mask),
         )
     require_floating(xp, x)
-    if x.ndim < 2:
-        raise ValueError(f"batch_norm expects x with a batch axis and a feature axis (rank >= 2), got shape {tuple(x.shape)}")
+    two_or_more_values(x, "batch_norm")
     f = feature_axis(axis, x.ndim)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None)")
+    require_floating_state(xp, running_mean, "running_mean")
+    require_floating_state(xp, running_var, "running_var")
+    if training:
+        eps = positive_eps(eps)
+        momentum = momentum_value(momentum, allow_none=True)
+        if momentum is None and running_mean is not None and num_batches is None:
+            raise ValueError("momentum=None (a cumulative average) needs num_batches, the number of batches averaged")
+    else:
+        eps = nonnegative_eps(eps)
+        if running_mean is None:
+            raise ValueError(
+                "batch_norm(training=False) normalizes with running_mean and running_var; both are required "
+                "(pass training=True to use the batch statistics)"
+            )
+    out = call_kernel(
+        "batch_norm", xp, x, x, running_mean, running_var, weight, bias, training=training, momentum=momentum,
+        eps=eps, axis=f, mask=mask, correction=correction, allow_single_value=allow_single_value,
+        num_batches=num_batches,
+    )
+    if out is not NotImplemented:
+        return out
+    if not training:
+        y = _normalize(xp, x, running_mean, running_var, weight, bias, eps, f, ("running_mean", "running_var"))
+        return BatchNormResult(y, running_mean, running_var)
+    return _train(xp, x, running_mean, running_var, weight, bias, momentum, eps, f, mask, correction,
+                  allow_single_value, num_batches)
+
+
+def _train(xp: Any, x: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any, momentum: Any,
+           eps: float, f: int, mask: Any, correction: int, allow_single_value: bool, num_batches: Any) -> BatchNormResult:
     num_features = x.shape[f]
     if num_features is None:
-        raise ValueError(f"the feature axis {axis} of x must have a known size, got shape {tuple(x.shape)}")
+        raise ValueError(f"the feature axis {f} of x must have a known size, got shape {tuple(x.shape)}")
     axes = tuple(i for i in range(x.ndim) if i != f)
     dtype = compute_dtype(xp, x.dtype)
     feat = (num_features,)
+    bshape = _broadcast_shape(x.ndim, f, num_features)
     w = as_param(xp, weight, "weight", feat, dtype, x)
     b = as_param(xp, bias, "bias", feat, dtype, x)
-    bshape = _broadcast_shape(x.ndim, f, num_features)
+    rm = rv = None
+    if running_mean is not None:
+        rm = as_param(xp, running_mean, "running_mean", feat, getattr(running_mean, "dtype", dtype), x)
+        rv = as_param(xp, running_var, "running_var", feat, getattr(running_var, "dtype", dtype), x)
     xc = x if x.dtype == dtype else xp.astype(x, dtype)
-
-    if training:
-        eps = positive_eps(eps)
-        count = static_count(tuple(x.shape), axes)
-        if count is not None and count <= 1 and not allow_single_value and mask is None:
-            raise _single_value_error(x)
-        weights = None if mask is None else _mask_weights(xp, mask, x, f)
-        fast = weights is None and count is not None and numpy_fast.applies(xp, xc)
-        if fast:
-            mean, centered, var = numpy_fast.centered_moments(xc, f, count)
-        else:
-            mean, centered, var = raw_moments(xp, xc, axes, weights)
-        # y = (x - mean) * scale + bias: centering first keeps float32 data far from zero (mean 1e4)
-        # as accurate as the reference; x * scale + shift would lose about |mean| * eps.
-        scale = 1.0 / xp.sqrt(var + eps)
-        if w is not None:
-            scale = scale * xp.reshape(w, bshape)
-        if fast:  # in place on our own temporary: no further full-size array
-            y = numpy_fast.scale_shift_in_place(centered, scale, None if b is None else xp.reshape(b, bshape))
-        else:
-            y = centered * scale
-            if b is not None:
-                y = y + xp.reshape(b, bshape)
-        new_mean = new_var = None
-        if (running_mean is None) != (running_var is None):
-            raise ValueError("running_mean and running_var must be given together (or both None)")
-        if running_mean is not None:
-            rm = as_param(xp, running_mean, "running_mean", feat, running_mean.dtype if hasattr(running_mean, "dtype") else dtype, x)
-            rv = as_param(xp, running_var, "running_var", feat, running_var.dtype if hasattr(running_var, "dtype") else dtype, x)
-            batch_mean = stop_gradient(xp, xp.reshape(mean, feat))
-            batch_var = stop_gradient(xp, xp.reshape(var, feat))
-            if correction:
-                if weights is None:
-                    n = count if count is not None else dynamic_count(xp, xc, axes)
-                else:
-                    n = xp.reshape(xp.sum(xp.broadcast_to(xp.astype(weights, dtype), xc.shape), axis=axes), feat)
-                    n = xp.maximum(n, xp.asarray(float(correction) + 1.0, dtype=dtype))
-                if isinstance(n, int):
-                    batch_var = batch_var * (n / max(n - correction, 1))
-                else:
-                    batch_var = batch_var * (n / (n - correction))
-            new_mean = _ema(xp, rm, batch_mean, momentum)
-            new_var = _ema(xp, rv, batch_var, momentum)
-        out = y if y.dtype == x.dtype else xp.astype(y, x.dtype)
-        return BatchNormResult(out, new_mean, new_var)
-
-    if running_mean is None or running_var is None:
-        raise ValueError(
-            "batch_norm(training=False) normalizes with running_mean and running_var; both are required "
-            "(pass training=True to use the batch statistics)"
-        )
-    rm = as_param(xp, running_mean, "running_mean", feat, dtype, x)
-    rv = as_param(xp, running_var, "running_var", feat, dtype, x)
-    eps = float(eps)
-    scale = 1.0 / xp.sqrt(rv + eps)
-    if w is not None:
-        scale = scale * w
-    # (x - running_mean) * scale + bias, centred first like training: x * scale + shift would lose
-    # about |mean| * eps on data far from zero (1e-3 at mean 1e4 in float32, as Keras's layer does)
-    rm, scale = xp.reshape(rm, bshape), xp.reshape(scale, bshape)
-    if numpy_fast.applies(xp, xc):  # in place on our own difference: one full-size temporary
-        y = numpy_fast.scale_shift_in_place(xc - rm, scale, None if b is None else xp.reshape(b, bshape))
+    count = static_count(tuple(x.shape), axes)
+    if count is not None and count <= 1 and not allow_single_value and mask is None:
+        raise _single_value_error(x)
+    weights = None if mask is None else mask_weights(xp, mask, x, f)
+    fast = weights is None and count is not None and count > 0 and numpy_fast.applies(xp, xc)
+    m = numpy_fast.centered_moments(xc, f, count) if fast else centered_moments(xp, xc, axes, weights)
+    # y = (x - mean) * scale + bias with x - mean = centered - residual: centred before scaling, so
+    # float32 data far from zero (mean 1e4) keeps its accuracy; the residual folds into the shift
+    scale = _scale(xp, xp.reshape(m.var, feat), w, eps)
+    scale = xp.reshape(scale, bshape)
+    shift = -(m.residual * scale) if b is None else xp.reshape(b, bshape) - m.residual * scale
+    if fast:  # in place on our own temporary: no further full-size array
+        y = numpy_fast.scale_shift_in_place(m.centered, scale, shift)
     else:
-        y = (xc - rm) * scale
-        if b is not None:
-            y = y + xp.reshape(b, bshape)
+        y = m.centered * scale + shift
+    new_mean = new_var = None
+    if rm is not None:
+        count_feat = m.count if weights is None else xp.reshape(m.count, feat)
+        var = xp.reshape(m.var, feat)
+        stats = Moments(count=count_feat, mean=xp.reshape(m.mean, feat),
+                        m2=var * (count_feat if isinstance(count_feat, int) else xp.astype(count_feat, var.dtype)))
+        new_mean, new_var = update_running_stats(
+            rm, rv, stats, momentum=momentum, correction=correction, num_batches=num_batches, xp=xp
+        )
     out = y if y.dtype == x.dtype else xp.astype(y, x.dtype)
-    return BatchNormResult(out, running_mean, running_var)
-
-
-def _ema(xp: Any, old: Any, batch: Any, momentum: Any) -> Any:
-    """``(1 - momentum) * old + momentum * batch`` in ``old``'s dtype."""
-    batch = batch if batch.dtype == old.dtype else xp.astype(batch, old.dtype)
-    return old * (1.0 - momentum) + batch * momentum
+    return BatchNormResult(out, new_mean, new_var)

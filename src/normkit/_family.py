@@ -10,16 +10,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from normkit._batch_norm import BatchNormResult, _ema
-from normkit._moments import raw_moments
-from normkit._namespace import array_namespace, stop_gradient
+from normkit._batch_norm import BatchNormResult
+from normkit._dispatch import call_kernel
+from normkit._moments import Moments, centered_moments
+from normkit._namespace import array_namespace
+from normkit._running import update_running_stats
 from normkit._validate import (
+    as_int,
     as_param,
     compute_dtype,
     feature_axis,
-    positive_eps,
+    momentum_value,
+    nonnegative_eps,
     reduce_axes,
     require_floating,
+    require_floating_state,
     static_count,
 )
 
@@ -52,6 +57,13 @@ def _back(xp: Any, y: Any, x: Any) -> Any:
     return y if y.dtype == x.dtype else xp.astype(y, x.dtype)
 
 
+def _standardized(xp: Any, x: Any, axes: tuple[int, ...], eps: float) -> tuple[Any, Any]:
+    """``((x - mean) / sqrt(var + eps), moments)`` over ``axes``, centred before scaling."""
+    m = centered_moments(xp, x, axes)
+    inv = 1.0 / xp.sqrt(m.var + eps)
+    return m.centered * inv - m.residual * inv, m
+
+
 def layer_norm(
     x: Any, weight: Any = None, bias: Any = None, *, axis: int | tuple[int, ...] = -1, eps: float = 1e-5, xp: Any = None
 ) -> Any:
@@ -61,13 +73,15 @@ def layer_norm(
     """
     xp, dtype, xc = _setup(x, (("weight", weight), ("bias", bias)), xp)
     axes = reduce_axes(axis, x.ndim)
-    eps = positive_eps(eps)
+    eps = nonnegative_eps(eps)
+    out = call_kernel("layer_norm", xp, x, x, weight, bias, axis=axes, eps=eps)
+    if out is not NotImplemented:
+        return out
     pshape = tuple(x.shape[a] for a in axes)
     bshape = tuple(x.shape[i] if i in axes else 1 for i in range(x.ndim))
     w = as_param(xp, weight, "weight", pshape, dtype, x)
     b = as_param(xp, bias, "bias", pshape, dtype, x)
-    _, centered, var = raw_moments(xp, xc, axes)
-    y = centered * (1.0 / xp.sqrt(var + eps))
+    y, _ = _standardized(xp, xc, axes, eps)
     return _back(xp, _affine(xp, y, w, b, bshape), x)
 
 
@@ -83,19 +97,23 @@ def group_norm(
         raise ValueError(f"group_norm expects x of rank >= 2 (batch, channels, ...), got shape {tuple(x.shape)}")
     f = feature_axis(axis, x.ndim)
     channels = x.shape[f]
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+    num_groups = as_int(num_groups, "num_groups", "the number of channel groups")
+    if num_groups <= 0:
         raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
     if channels % num_groups != 0:
         raise ValueError(f"num_groups={num_groups} must divide the number of channels, got {channels} channels")
-    eps = positive_eps(eps)
+    eps = nonnegative_eps(eps)
+    out = call_kernel("group_norm", xp, x, x, num_groups, weight, bias, axis=f, eps=eps)
+    if out is not NotImplemented:
+        return out
     w = as_param(xp, weight, "weight", (channels,), dtype, x)
     b = as_param(xp, bias, "bias", (channels,), dtype, x)
     shape = tuple(x.shape)
     grouped_shape = shape[:f] + (num_groups, channels // num_groups) + shape[f + 1 :]
     g = xp.reshape(xc, _concrete(grouped_shape))
     axes = tuple(i for i in range(1, g.ndim) if i != f)
-    _, centered, var = raw_moments(xp, g, axes)
-    y = xp.reshape(centered * (1.0 / xp.sqrt(var + eps)), _concrete(shape))
+    y, _ = _standardized(xp, g, axes, eps)
+    y = xp.reshape(y, _concrete(shape))
     bshape = tuple(channels if i == f else 1 for i in range(x.ndim))
     return _back(xp, _affine(xp, y, w, b, bshape), x)
 
@@ -132,29 +150,42 @@ def instance_norm(
     w = as_param(xp, weight, "weight", (channels,), dtype, x)
     b = as_param(xp, bias, "bias", (channels,), dtype, x)
     spatial = tuple(i for i in range(1, x.ndim) if i != f)
+    require_floating_state(xp, running_mean, "running_mean")
+    require_floating_state(xp, running_var, "running_var")
+    eps = nonnegative_eps(eps)
+    if use_input_stats:
+        momentum = momentum_value(momentum)
+        n = static_count(tuple(x.shape), spatial)
+        if n is not None and n <= 1:
+            raise ValueError(f"Expected more than 1 spatial element when training, got input size {tuple(x.shape)}")
+    elif running_mean is None or running_var is None:
+        raise ValueError("instance_norm(use_input_stats=False) needs running_mean and running_var")
+    out = call_kernel("instance_norm", xp, x, x, running_mean, running_var, weight, bias,
+                      use_input_stats=use_input_stats, momentum=momentum, eps=eps, axis=f)
+    if out is not NotImplemented:
+        return out
     if not use_input_stats:
-        if running_mean is None or running_var is None:
-            raise ValueError("instance_norm(use_input_stats=False) needs running_mean and running_var")
         rm = xp.reshape(as_param(xp, running_mean, "running_mean", (channels,), dtype, x), bshape)
         rv = xp.reshape(as_param(xp, running_var, "running_var", (channels,), dtype, x), bshape)
-        y = (xc - rm) * (1.0 / xp.sqrt(rv + float(eps)))
+        y = (xc - rm) * (1.0 / xp.sqrt(rv + eps))
         return BatchNormResult(_back(xp, _affine(xp, y, w, b, bshape), x), running_mean, running_var)
-    eps = positive_eps(eps)
-    n = static_count(tuple(x.shape), spatial)
-    if n is not None and n <= 1:
-        raise ValueError(f"Expected more than 1 spatial element when training, got input size {tuple(x.shape)}")
-    mean, centered, var = raw_moments(xp, xc, spatial)
-    y = centered * (1.0 / xp.sqrt(var + eps))
+    y, m = _standardized(xp, xc, spatial, eps)
     out = _back(xp, _affine(xp, y, w, b, bshape), x)
     new_mean = new_var = None
     if running_mean is not None and running_var is not None:
         rm = as_param(xp, running_mean, "running_mean", (channels,), running_mean.dtype, x)
         rv = as_param(xp, running_var, "running_var", (channels,), running_var.dtype, x)
+        # torch's convention: the batch average of the per-instance means and unbiased variances,
+        # i.e. Moments of n values each whose m2 is the average per-instance m2
         batch_axes = tuple(i for i in range(x.ndim) if i != f)
-        unbiased = var * (n / (n - 1)) if n is not None else var
-        bm = stop_gradient(xp, xp.reshape(xp.mean(mean, axis=batch_axes), (channels,)))
-        bv = stop_gradient(xp, xp.reshape(xp.mean(unbiased, axis=batch_axes), (channels,)))
-        new_mean, new_var = _ema(xp, rm, bm, momentum), _ema(xp, rv, bv, momentum)
+        count = m.count if isinstance(m.count, int) else xp.reshape(m.count, ())
+        per_instance_m2 = m.var * (count if isinstance(count, int) else xp.astype(count, m.var.dtype))
+        stats = Moments(
+            count=count,
+            mean=xp.reshape(xp.mean(m.mean, axis=batch_axes), (channels,)),
+            m2=xp.reshape(xp.mean(per_instance_m2, axis=batch_axes), (channels,)),
+        )
+        new_mean, new_var = update_running_stats(rm, rv, stats, momentum=momentum, correction=1, xp=xp)
     return BatchNormResult(out, new_mean, new_var)
 
 
@@ -166,7 +197,10 @@ def rms_norm(
     axes = reduce_axes(axis, x.ndim)
     if eps is None:
         eps = float(xp.finfo(dtype).eps)  # float32's for half input, as torch
-    eps = positive_eps(eps)
+    eps = nonnegative_eps(eps)
+    out = call_kernel("rms_norm", xp, x, x, weight, axis=axes, eps=eps)
+    if out is not NotImplemented:
+        return out
     pshape = tuple(x.shape[a] for a in axes)
     bshape = tuple(x.shape[i] if i in axes else 1 for i in range(x.ndim))
     w = as_param(xp, weight, "weight", pshape, dtype, x)

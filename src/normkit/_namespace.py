@@ -12,9 +12,10 @@ import threading
 from types import ModuleType
 from typing import Any
 
-__all__ = ["array_namespace", "is_array", "stop_gradient", "device_of", "type_name"]
+__all__ = ["array_namespace", "is_array", "stop_gradient", "device_of", "type_name", "clear_cache", "warm_up"]
 
 _CACHE: dict[type, Any] = {}
+_NDARRAY = __import__("numpy").ndarray
 _LOCK = threading.Lock()
 
 
@@ -83,6 +84,12 @@ def _direct(a: object) -> Any | None:
     return None
 
 
+def clear_cache() -> None:
+    """Forget every cached namespace answer (plugins were registered or removed)."""
+    with _LOCK:
+        _CACHE.clear()
+
+
 def warm_up() -> None:
     """Import the torch namespace now if torch is loaded, so a first call under torch.compile imports nothing."""
     if "torch" in sys.modules:
@@ -134,6 +141,8 @@ def array_namespace(*named: tuple[str, Any]) -> Any:
 
 def device_of(xp: ModuleType | Any, x: Any) -> Any:
     """The device of ``x`` (array-api-compat's helper works for every namespace we serve)."""
+    if type(x) is _NDARRAY:
+        return "cpu"
     if hasattr(xp, "normkit_device"):
         return xp.normkit_device(x)
     torch = sys.modules.get("torch")

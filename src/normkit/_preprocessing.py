@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from normkit._moments import raw_moments
+from normkit._moments import centered_moments
 from normkit._namespace import array_namespace
 from normkit._validate import as_param, compute_dtype, feature_axis, require_floating
 
@@ -63,9 +63,10 @@ def standardize(
     m = _stat(xp, mean, "mean", pshape, bshape, dtype, x)
     s = _stat(xp, std, "std", pshape, bshape, dtype, x)
     if m is None or s is None:
-        bm, centered, var = raw_moments(xp, xc, axes)
+        c = centered_moments(xp, xc, axes)
+        var = c.var
         if m is None:
-            m = bm
+            m = c.mean
         if s is None:
             s = xp.sqrt(var) if mean is None else xp.sqrt(xp.mean((xc - m) * (xc - m), axis=axes, keepdims=True))
     y = (xc - m) / _zero_to_one(xp, s)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 from normkit._namespace import device_of, is_array, type_name
 
 __all__ = [
+    "as_int",
     "feature_axis",
     "reduce_axes",
     "require_floating",
@@ -14,6 +16,11 @@ __all__ = [
     "as_param",
     "static_count",
     "positive_eps",
+    "nonnegative_eps",
+    "momentum_value",
+    "mask_weights",
+    "two_or_more_values",
+    "require_floating_state",
 ]
 
 
@@ -21,10 +28,19 @@ def _shape(x: Any) -> tuple:
     return tuple(x.shape)
 
 
+def as_int(value: Any, name: str, what: str) -> int:
+    """``value`` as a Python int (NumPy integers accepted); booleans, floats and strings refused by name."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int ({what}), got bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int ({what}), got {type(value).__name__} {value!r}") from None
+
+
 def feature_axis(axis: int, ndim: int, *, name: str = "axis") -> int:
     """``axis`` as a non-negative int in ``range(ndim)``."""
-    if isinstance(axis, bool) or not isinstance(axis, int):
-        raise TypeError(f"{name} must be an int (the feature axis), got {type(axis).__name__} {axis!r}")
+    axis = as_int(axis, name, "the feature axis")
     if not -ndim <= axis < ndim:
         raise ValueError(f"{name}={axis} is out of range for an input of rank {ndim} (expected {-ndim} <= {name} < {ndim})")
     return axis % ndim
@@ -34,8 +50,8 @@ def reduce_axes(axis: int | tuple[int, ...] | list[int] | None, ndim: int, *, na
     """Normalized, sorted, de-duplicated reduction axes (Array API convention: the axes reduced)."""
     if axis is None:
         return tuple(range(ndim))
-    if isinstance(axis, int) and not isinstance(axis, bool):
-        axis = (axis,)
+    if not isinstance(axis, (tuple, list)):
+        axis = (as_int(axis, name, "an axis"),)
     out = []
     for a in axis:
         out.append(feature_axis(a, ndim, name=name))
@@ -69,7 +85,6 @@ def as_param(xp: Any, value: Any, name: str, shape: tuple, dtype: Any, like: Any
     """``value`` as an array of ``shape`` in ``dtype`` on ``like``'s device; Python numbers and sequences are converted."""
     if value is None:
         return None
-    device = device_of(xp, like)
     if is_array(value):
         if not _shape_matches(tuple(value.shape), tuple(shape)):
             raise ValueError(f"{name} must have shape {tuple(shape)} (one value per feature), got shape {tuple(value.shape)}")
@@ -78,7 +93,7 @@ def as_param(xp: Any, value: Any, name: str, shape: tuple, dtype: Any, like: Any
         return value
     if isinstance(value, (str, bytes)) or not isinstance(value, (int, float, list, tuple)):
         raise TypeError(f"{name} must be an array, a number or a sequence of numbers, got {type_name(value)}")
-    arr = xp.asarray(value, dtype=dtype, device=device)
+    arr = xp.asarray(value, dtype=dtype, device=device_of(xp, like))
     if arr.ndim == 0:
         return xp.broadcast_to(arr, shape)
     if tuple(arr.shape) != tuple(shape):
@@ -97,12 +112,73 @@ def static_count(shape: tuple, axes: tuple[int, ...]) -> int | None:
     return n
 
 
-def positive_eps(eps: float, name: str = "eps") -> float:
-    """``eps`` as a float > 0: with eps <= 0 a constant feature divides by zero."""
+def _real_number(value: Any, name: str, expected: str) -> float:
+    """``value`` as a finite float; strings, booleans, None and arrays are refused by name."""
+    if isinstance(value, (bool, str, bytes)) or value is None:
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+    if not isinstance(value, (int, float)) and is_array(value):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
     try:
-        value = float(eps)
+        out = float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a positive number, got {type(eps).__name__} {eps!r}") from None
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}") from None
+    if out != out or out in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return out
+
+
+def positive_eps(eps: float, name: str = "eps") -> float:
+    """``eps`` as a finite float > 0: with eps <= 0 a constant feature divides by zero."""
+    value = _real_number(eps, name, "a positive number")
     if not value > 0.0:
         raise ValueError(f"{name} must be > 0 (it keeps a constant feature from dividing by zero), got {eps!r}")
     return value
+
+
+def nonnegative_eps(eps: float, name: str = "eps") -> float:
+    """``eps`` as a finite float >= 0 (inference, and the per-sample norms, accept 0 as torch does)."""
+    value = _real_number(eps, name, "a non-negative number")
+    if value < 0.0:
+        raise ValueError(f"{name} must be >= 0, got {eps!r}")
+    return value
+
+
+def momentum_value(momentum: Any, name: str = "momentum", *, allow_none: bool = False) -> Any:
+    """``momentum`` (the weight of the new batch) as a float in [0, 1]; a 0-d array (traced) is taken as is."""
+    if momentum is None:
+        if allow_none:
+            return None
+        raise TypeError(f"{name} must be a number in [0, 1], got None")
+    if not isinstance(momentum, (int, float)) and is_array(momentum):
+        return momentum
+    value = _real_number(momentum, name, "a number in [0, 1]")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1] (the weight of the new batch), got {momentum!r}")
+    return value
+
+
+def require_floating_state(xp: Any, value: Any, name: str) -> None:
+    """Running statistics must be floating arrays: an integer buffer would truncate the update."""
+    if is_array(value) and not xp.isdtype(value.dtype, "real floating"):
+        raise TypeError(f"{name} must have a real floating dtype, got {value.dtype}: an integer buffer would truncate the update")
+
+
+def two_or_more_values(x: Any, what: str) -> None:
+    """Batch statistics need a batch axis and a feature axis."""
+    if x.ndim < 2:
+        raise ValueError(f"{what} expects x with a batch axis and a feature axis (rank >= 2), got shape {tuple(x.shape)}")
+
+
+def mask_weights(xp: Any, mask: Any, x: Any, axis: int) -> Any:
+    """``mask`` of rank ``ndim - 1`` (x's shape without the feature axis) or ``ndim``, as a broadcastable array."""
+    if mask.ndim == x.ndim - 1:
+        mask = xp.expand_dims(mask, axis=axis)
+    elif mask.ndim != x.ndim:
+        raise ValueError(
+            f"mask must have rank {x.ndim - 1} (x's shape without the feature axis) or {x.ndim}, "
+            f"got shape {tuple(mask.shape)} for x of shape {tuple(x.shape)}"
+        )
+    for i, (m, d) in enumerate(zip(mask.shape, x.shape)):
+        if m is not None and d is not None and m not in (1, d):
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to x of shape {tuple(x.shape)} (axis {i})")
+    return mask

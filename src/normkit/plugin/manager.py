@@ -59,26 +59,25 @@ def plugin_manager() -> pluggy.PluginManager:
         if _MANAGER is None:
             pm = pluggy.PluginManager(spec.PROJECT)
             pm.add_hookspecs(spec)
-            from normkit import _builtin
-
-            pm.register(_builtin, name="normkit.builtin")
             _load_entry_points(pm)
             _MANAGER = pm
         return _MANAGER
 
 
-def _clear_namespace_cache() -> None:
-    from normkit import _namespace
+def _forget_answers() -> None:
+    """Cached namespace and kernel answers depend on the registered plugins: drop them."""
+    from normkit._namespace import clear_cache
+    from normkit.plugin.kernels import invalidate
 
-    with _namespace._LOCK:
-        _namespace._CACHE.clear()
+    clear_cache()
+    invalidate()
 
 
 def register(plugin: object, name: str | None = None) -> str | None:
     """Register a plugin object in-process (tests, notebooks); returns its name."""
     with _LOCK:
         name = plugin_manager().register(plugin, name=name)
-        _clear_namespace_cache()
+        _forget_answers()
         return name
 
 
@@ -86,7 +85,7 @@ def unregister(plugin: object) -> None:
     """Undo ``register``."""
     with _LOCK:
         plugin_manager().unregister(plugin)
-        _clear_namespace_cache()
+        _forget_answers()
 
 
 def frameworks() -> dict[str, str]:

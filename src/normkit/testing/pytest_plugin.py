@@ -28,9 +28,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def _specs() -> dict[str, BackendSpec]:
     from normkit.plugin.manager import plugin_manager
+    from normkit.testing.backends import builtin_backends
 
     specs: dict[str, BackendSpec] = {}
-    for answer in plugin_manager().hook.normkit_test_backends():
+    for answer in [builtin_backends(), *plugin_manager().hook.normkit_test_backends()]:
         for item in answer:
             spec = item if isinstance(item, BackendSpec) else BackendSpec(item.name, (lambda b=item: b))
             if spec.name in specs:

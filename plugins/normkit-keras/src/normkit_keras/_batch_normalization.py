@@ -21,7 +21,6 @@ import keras
 from keras import constraints, initializers, regularizers
 
 import normkit
-from normkit._namespace import stop_gradient
 from normkit_keras._backend import backend_name, backend_namespace, cast, dtype_name, in_compute_dtype, native
 from normkit_keras._kernels import device_of_trace, kernels_enabled, layout_of
 
@@ -253,7 +252,7 @@ class BatchNormalization(keras.layers.Layer):
         if clipping.get("dmax") is not None:
             dmax = float(clipping["dmax"])
             d = xp.minimum(xp.maximum(d, xp.asarray(-dmax, dtype=getattr(xp, dtype))), xp.asarray(dmax, dtype=getattr(xp, dtype)))
-        r, d = stop_gradient(xp, r), stop_gradient(xp, d)
+        r, d = keras.ops.stop_gradient(r), keras.ops.stop_gradient(d)
         weight = r if gamma is None else r * gamma
         bias = d if gamma is None else d * gamma
         if beta is not None:

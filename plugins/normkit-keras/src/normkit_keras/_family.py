@@ -144,10 +144,7 @@ class LayerNormalization(keras.layers.Layer):
 
 def _moments(xp, x, axes):
     """Shifted two-pass (mean, biased var) over ``axes`` with keepdims (the core's method, on ``xp``)."""
-    from normkit._moments import raw_moments
-
-    mean, _, var = raw_moments(xp, x, axes)
-    return mean, var
+    return normkit.moments(x, axis=axes, keepdims=True, xp=xp)
 
 
 @keras.saving.register_keras_serializable(package="normkit")

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from normkit.plugin.policy import KERNEL_POLICIES, KernelPolicy
+from normkit.plugin.kernels import KERNEL_POLICIES, KernelPolicy
 
 __all__ = [
     "KERNEL_POLICIES",

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from normkit.plugin.policy import KERNEL_POLICIES, KernelPolicy
+from normkit.plugin.kernels import KERNEL_POLICIES, KernelPolicy
 
 
 import normkit

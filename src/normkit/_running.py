@@ -1,0 +1,75 @@
+"""The running-statistics update: one formula for every framework, path, kernel and process count.
+
+    running_mean <- (1 - m) * running_mean + m * mean_B
+    running_var  <- (1 - m) * running_var  + m * m2_B / (count_B - correction)
+
+``m`` is the weight of the new batch (torch's ``momentum``; Keras's is ``1 - m``); ``momentum=None``
+is the cumulative average ``m = 1 / num_batches`` (torch's convention); ``correction=1`` folds the
+unbiased batch variance (torch), ``0`` the biased one (Keras). A batch with no counted value
+(``count == 0``: every position masked, an empty rank) leaves the statistics unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from normkit._moments import Moments
+from normkit._namespace import array_namespace, stop_gradient
+from normkit._validate import momentum_value, require_floating_state
+
+__all__ = ["update_running_stats"]
+
+
+def _bessel(xp: Any, m2: Any, count: Any, correction: float) -> Any:
+    """``m2 / (count - correction)``, with the denominator kept >= 1 (one value: its variance is 0)."""
+    if isinstance(count, int):
+        return m2 / max(count - correction, 1)
+    if count.dtype != m2.dtype:
+        count = xp.astype(count, m2.dtype)
+    return m2 / xp.maximum(count - correction, xp.ones_like(count))
+
+
+def update_running_stats(
+    running_mean: Any,
+    running_var: Any,
+    batch: Moments,
+    *,
+    momentum: float | Any = 0.1,
+    correction: float = 1,
+    num_batches: Any = None,
+    xp: Any = None,
+) -> tuple[Any, Any]:
+    """Fold a batch's ``Moments`` into running statistics; returns ``(new_mean, new_var)``, new arrays.
+
+    ``momentum`` is the weight of the new batch in [0, 1] (torch's convention; pass ``1 - momentum``
+    for Keras's), or None for the cumulative average over ``num_batches`` batches, this one included
+    (torch's ``num_batches_tracked`` after its increment). ``correction`` is the Bessel correction of
+    the folded variance: 1 unbiased (torch), 0 biased (Keras). The batch statistics carry no
+    autograd history into the result; the result keeps each running statistic's dtype.
+    """
+    if xp is None:
+        xp = array_namespace(("running_mean", running_mean), ("running_var", running_var), ("batch.mean", batch.mean))
+    require_floating_state(xp, running_mean, "running_mean")
+    require_floating_state(xp, running_var, "running_var")
+    momentum = momentum_value(momentum, allow_none=True)
+    if momentum is None:
+        if num_batches is None:
+            raise ValueError("momentum=None (a cumulative average) needs num_batches, the number of batches averaged")
+        momentum = 1.0 / num_batches if isinstance(num_batches, (int, float)) else 1.0 / xp.astype(num_batches, running_mean.dtype)
+    count = batch.count
+    if isinstance(count, int) and count == 0:
+        return running_mean, running_var
+    mean = stop_gradient(xp, batch.mean)
+    var = stop_gradient(xp, _bessel(xp, batch.m2, count, correction))
+    if mean.dtype != running_mean.dtype:
+        mean = xp.astype(mean, running_mean.dtype)
+    if var.dtype != running_var.dtype:
+        var = xp.astype(var, running_var.dtype)
+    new_mean = running_mean * (1.0 - momentum) + mean * momentum
+    new_var = running_var * (1.0 - momentum) + var * momentum
+    if not isinstance(count, int):  # a per-feature count: features with none counted keep their value
+        seen = xp.reshape(count, tuple(new_mean.shape)) if count.ndim else count
+        empty = xp.equal(seen, xp.zeros_like(seen))
+        new_mean = xp.where(empty, running_mean, new_mean)
+        new_var = xp.where(empty, running_var, new_var)
+    return new_mean, new_var

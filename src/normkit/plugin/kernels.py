@@ -1,0 +1,179 @@
+"""Kernel selection, in one place: the policy switch, the table type, loading, and the cached lookup.
+
+A kernel is an optimization with the contract of the normkit function it stands in for: same
+arguments, same result within round-off, or ``NotImplemented`` for arguments outside its contract
+(the core then computes). Plugins offer kernels through the ``normkit_kernel`` hook, each from a
+``KernelTable`` of its own; everything else lives here:
+
+- ``KernelPolicy``: a plugin's ``"auto"``/``"core"`` switch (``"core"``: the generic core, the
+  reference every kernel is tested equal to). Every change bumps ``generation()``, which is part
+  of every cache key, so no cached choice outlives a policy change.
+- ``KernelTable``: ``{(op, device type, dtype name, layout): "module:function"}``, loaded on first use.
+- ``lookup``: the hook's answer for one configuration, cached; call it once per module and
+  configuration, or per call (a dict read) as the functional API does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+__all__ = [
+    "KERNEL_POLICIES",
+    "KernelPolicy",
+    "KernelTable",
+    "load",
+    "generation",
+    "policies",
+    "use_policy",
+    "lookup",
+    "device_type",
+    "dtype_name",
+    "namespace_name",
+]
+
+KERNEL_POLICIES = ("auto", "core")
+
+_LOCK = threading.Lock()
+_GENERATION = [0]
+_POLICIES: list[KernelPolicy] = []
+_CACHE: dict[tuple, Any] = {}
+_MISSING = object()
+
+
+def generation() -> int:
+    """A counter bumped by every policy change (and plugin registration): part of every kernel cache key."""
+    return _GENERATION[0]
+
+
+def invalidate() -> None:
+    """Forget every cached kernel choice (a policy changed, a plugin came or went)."""
+    with _LOCK:
+        _GENERATION[0] += 1
+        _CACHE.clear()
+
+
+class KernelPolicy:
+    """A process-wide ``"auto"``/``"core"`` switch; ``value`` is a plain attribute, cheap to read per call.
+
+    The first value comes from the environment variable ``env_var``.
+    """
+
+    def __init__(self, env_var: str) -> None:
+        self.env_var = env_var
+        value = os.environ.get(env_var, "auto").strip().lower() or "auto"
+        if value not in KERNEL_POLICIES:
+            raise ValueError(f"{env_var} must be one of {KERNEL_POLICIES}, got {value!r}")
+        self.value = value
+        _POLICIES.append(self)
+
+    def set(self, policy: str) -> str:
+        """Switch to ``policy``; returns the previous one."""
+        if policy not in KERNEL_POLICIES:
+            raise ValueError(f"kernel policy must be one of {KERNEL_POLICIES}, got {policy!r}")
+        previous, self.value = self.value, policy
+        if previous != policy:
+            invalidate()
+        return previous
+
+    def get(self) -> str:
+        """The current policy."""
+        return self.value
+
+    def enabled(self) -> bool:
+        """True when plugin kernels may be used."""
+        return self.value == "auto"
+
+
+def policies() -> list[KernelPolicy]:
+    """Every ``KernelPolicy`` made in this process (one per loaded plugin)."""
+    return list(_POLICIES)
+
+
+@contextmanager
+def use_policy(policy: str) -> Iterator[None]:
+    """Set every plugin's policy to ``policy`` for the block (the test matrix runs each backend both ways)."""
+    previous = [(p, p.set(policy)) for p in policies()]
+    try:
+        yield
+    finally:
+        for p, value in previous:
+            p.set(value)
+
+
+def load(target: str | Callable[..., Any]) -> Callable[..., Any]:
+    """The function named ``"package.module:function"`` (a callable is returned as is)."""
+    if callable(target):
+        return target
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def device_type(device: Any) -> str:
+    """``"cpu"``, ``"cuda"``, ... of a device object or string (None: ``"none"``, e.g. inside a graph)."""
+    if device is None:
+        return "none"
+    kind = getattr(device, "type", None) or getattr(device, "platform", None)
+    if isinstance(kind, str):
+        return kind
+    return str(device).split(":")[0].lower()
+
+
+def namespace_name(xp: Any) -> str:
+    """A hashable name of an array namespace: a module's ``__name__``, else its class's dotted name."""
+    name = getattr(xp, "__name__", None)
+    if isinstance(name, str):
+        return name
+    return f"{type(xp).__module__}.{type(xp).__qualname__}"
+
+
+def dtype_name(dtype: Any) -> str:
+    """``"float32"``, ... of any library's dtype object."""
+    name = getattr(dtype, "name", None)
+    if isinstance(name, str):
+        return name
+    return str(dtype).rpartition(".")[2]
+
+
+class KernelTable:
+    """A plugin's kernels: ``{(op, device type, dtype name, layout): "module:function"}`` for some namespaces.
+
+    ``layout`` ``"any"`` in an entry matches every layout. ``lookup`` answers None (the core) when
+    the policy is ``"core"``, the namespace is not one of ``namespaces`` or no entry matches.
+    """
+
+    def __init__(self, entries: dict[tuple[str, str, str, str], str], *, namespaces: Callable[[Any], bool],
+                 policy: KernelPolicy) -> None:
+        self.entries = dict(entries)
+        self.namespaces = namespaces
+        self.policy = policy
+
+    def lookup(self, op: str, xp: Any, device: Any, dtype: Any, layout: str = "any") -> Callable[..., Any] | None:
+        if not self.policy.enabled() or not self.namespaces(xp):
+            return None
+        key = (op, device_type(device), dtype_name(dtype))
+        target = self.entries.get(key + (layout,)) or self.entries.get(key + ("any",))
+        return None if target is None else load(target)
+
+
+def lookup(op: str, xp: Any, device: Any, dtype: Any, layout: str = "any", *,
+           resolve: bool = True) -> Callable[..., Any] | None:
+    """The kernel the plugins offer for this configuration, or None; the hook is asked once per key.
+
+    ``resolve=False`` answers from the cache only (None when not yet asked): for callers that must
+    not call the hook now, such as code being traced by torch.compile.
+    """
+    key = (op, namespace_name(xp), device_type(device), dtype_name(dtype), layout, _GENERATION[0])
+    found = _CACHE.get(key, _MISSING)
+    if found is not _MISSING or not resolve:
+        return None if found is _MISSING else found
+    from normkit.plugin.manager import plugin_manager
+
+    found = plugin_manager().hook.normkit_kernel(op=op, xp=xp, device=device, dtype=dtype, layout=layout)
+    with _LOCK:
+        if key[-1] == _GENERATION[0]:
+            _CACHE[key] = found
+    return found
