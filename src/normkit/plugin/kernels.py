@@ -42,6 +42,7 @@ _GENERATION = [0]
 _POLICIES: list[KernelPolicy] = []
 _CACHE: dict[tuple, Any] = {}
 _MISSING = object()
+_OVERRIDE: list[str | None] = [None]  # set by use_policy: wins over every KernelPolicy's own value
 
 
 def generation() -> int:
@@ -80,12 +81,12 @@ class KernelPolicy:
         return previous
 
     def get(self) -> str:
-        """The current policy."""
-        return self.value
+        """The current policy (``use_policy`` overrides it for a block)."""
+        return _OVERRIDE[0] or self.value
 
     def enabled(self) -> bool:
         """True when plugin kernels may be used."""
-        return self.value == "auto"
+        return (_OVERRIDE[0] or self.value) == "auto"
 
 
 def policies() -> list[KernelPolicy]:
@@ -95,13 +96,18 @@ def policies() -> list[KernelPolicy]:
 
 @contextmanager
 def use_policy(policy: str) -> Iterator[None]:
-    """Set every plugin's policy to ``policy`` for the block (the test matrix runs each backend both ways)."""
-    previous = [(p, p.set(policy)) for p in policies()]
+    """Every plugin's policy is ``policy`` for the block, those loaded during it included (the test
+    matrix runs each backend and each conformance case both ways)."""
+    if policy not in KERNEL_POLICIES:
+        raise ValueError(f"kernel policy must be one of {KERNEL_POLICIES}, got {policy!r}")
+    previous = _OVERRIDE[0]
+    _OVERRIDE[0] = policy
+    invalidate()
     try:
         yield
     finally:
-        for p, value in previous:
-            p.set(value)
+        _OVERRIDE[0] = previous
+        invalidate()
 
 
 def load(target: str | Callable[..., Any]) -> Callable[..., Any]:

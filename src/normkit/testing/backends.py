@@ -32,6 +32,9 @@ class Backend:
     dtypes: tuple[str, ...] = ("float32", "float64")
     half_dtypes: tuple[str, ...] = ("float16",)
     notes: str = ""
+    # the kernel policy every test of this backend runs under (normkit.plugin.kernels.use_policy):
+    # "core" tests normkit's own math; "auto" lets plugins' fused kernels answer the functional API
+    policy: str = "core"
 
 
 @dataclass
@@ -68,6 +71,13 @@ def _torch() -> Backend:
         lambda t: t.detach().cpu().numpy() if t.dtype != torch.bfloat16 else t.detach().float().cpu().numpy(),
         half_dtypes=("float16", "bfloat16"),
     )
+
+
+def _torch_kernels() -> Backend:
+    b = _torch()
+    b.name, b.policy = "torch-kernels", "auto"
+    b.notes = "torch tensors with kernel policy auto: the functional API may reach torch's own kernels"
+    return b
 
 
 def _enable_jax_x64() -> Any:
@@ -160,11 +170,16 @@ def _torch_cuda() -> Backend:
 
 
 def builtin_backends() -> list[BackendSpec]:
-    """The core's backends. cupy and torch-cuda run only when named with ``--backends``."""
+    """The core's backends. cupy and torch-cuda run only when named with ``--backends``.
+
+    Every backend runs under the kernel policy "core" (normkit's own math) except "torch-kernels",
+    the same torch tensors under "auto" (what a user gets by default where a plugin has kernels).
+    """
     return [
         BackendSpec("numpy", _numpy),
         BackendSpec("array-api-strict", _strict),
         BackendSpec("torch", _torch),
+        BackendSpec("torch-kernels", _torch_kernels),
         BackendSpec("jax", _jax),
         BackendSpec("jax-jit", _jax_jit),
         BackendSpec("dask", _dask),

@@ -2,13 +2,14 @@
 
 Fixtures:
 - ``backend``: parametrized over every selected array backend (``--backends=numpy,torch,...``);
-- ``harness_case``: ``(harness, LayerCase)`` over every selected framework (``--frameworks=torch,keras``).
+- ``harness_case``: ``(harness, LayerCase, policy)`` over every selected framework (``--frameworks=torch,keras``)
+  and every kernel policy of the case.
 A named backend or framework that cannot be loaded fails the run instead of being skipped.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -100,12 +101,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         params, ids = [], []
         for harness in selected_harnesses(metafunc.config):
             for case in harness.cases():
-                params.append((harness, case))
-                ids.append(f"{harness.name}-{case.id}")
+                for policy in case.policies:
+                    params.append((harness, case, policy))
+                    ids.append(f"{harness.name}-{case.id}-{policy}")
         metafunc.parametrize("harness_case", params, ids=ids)
 
 
 @pytest.fixture
-def backend(request: pytest.FixtureRequest) -> Backend:
-    """The array backend of this test's parameter."""
-    return load_backend(request.param)
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    """The array backend of this test's parameter; the test runs under the backend's kernel policy."""
+    from normkit.plugin.kernels import use_policy
+
+    b = load_backend(request.param)
+    with use_policy(b.policy):
+        yield b
