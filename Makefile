@@ -8,7 +8,7 @@ PLUGINS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
 STAMP  := $(VENV)/.installed
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench mutants venv clean
 
 $(STAMP): requirements/test.txt pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
@@ -41,3 +41,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV)
+
+# Plant realistic bugs one at a time; each must be killed by the tests (about 10 minutes).
+mutants: $(STAMP)
+	$(PY) tools/mutants.py

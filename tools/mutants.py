@@ -1,0 +1,155 @@
+"""Plant realistic bugs one at a time and check that the test suite kills each (``make mutants``).
+
+Each mutant replaces one exact snippet (it must occur exactly once) in a copy of the repository,
+then runs the tests that should catch it; a mutant survives when they all pass. The copy shadows
+the editable installs through PYTHONPATH, so the working tree is never touched. Ends with the line
+``N of N mutants killed``; exits 1 when any survives (a surviving mutant is a missing test).
+
+    python tools/mutants.py                 # every mutant, two at a time
+    python tools/mutants.py --only NAME     # one mutant (repeatable)
+    python tools/mutants.py --list          # names and descriptions
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ("src", "plugins", "tests", "conftest.py", "pyproject.toml")
+PYTHONPATHS = ("src", "plugins/normkit-torch/src", "plugins/normkit-keras/src")
+TIMEOUT = 600
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One planted bug: ``find`` (exactly once in ``path``) becomes ``replace``; ``tests`` must fail."""
+
+    name: str
+    description: str
+    path: str
+    find: str
+    replace: str
+    tests: tuple[tuple[str, ...], ...]  # each: (working directory relative to the copy, *pytest args)
+    env: tuple[tuple[str, str], ...] = ()
+
+
+CORE = "."
+TORCH = "plugins/normkit-torch"
+KERAS = "plugins/normkit-keras"
+
+CORE_MATRIX = (CORE, "tests/test_batch_norm.py", "tests/test_family.py", "tests/test_moments.py",
+               "tests/test_preprocessing.py", "tests/test_backward.py")
+
+# the catalogue: realistic bugs of the kinds that slipped through before (issue #10), core first
+MUTANTS: list[Mutant] = [
+    Mutant("core-weight-bias-swapped", "batch norm training uses the bias as scale and the weight as shift",
+           "src/normkit/_batch_norm.py",
+           'w = as_param(xp, weight, "weight", feat, dtype, x)\n    b = as_param(xp, bias, "bias", feat, dtype, x)\n    rm = rv = None',
+           'w = as_param(xp, bias, "bias", feat, dtype, x)\n    b = as_param(xp, weight, "weight", feat, dtype, x)\n    rm = rv = None',
+           (CORE_MATRIX,)),
+    Mutant("core-eps-outside-sqrt", "1 / (sqrt(var) + eps) instead of 1 / sqrt(var + eps)",
+           "src/normkit/_batch_norm.py", "scale = 1.0 / xp.sqrt(var + eps)", "scale = 1.0 / (xp.sqrt(var) + eps)",
+           (CORE_MATRIX,)),
+    Mutant("core-momentum-direction", "momentum weighs the old running value instead of the new batch",
+           "src/normkit/_running.py", "running_mean * (1.0 - momentum) + mean * momentum",
+           "running_mean * momentum + mean * (1.0 - momentum)", (CORE_MATRIX,)),
+    Mutant("core-bessel-dropped", "the running variance folds the biased batch variance whatever the correction",
+           "src/normkit/_running.py", "return m2 / max(count - correction, 1)", "return m2 / max(count, 1)",
+           (CORE_MATRIX,)),
+    Mutant("core-mask-ignored", "the mask is accepted and ignored", "src/normkit/_batch_norm.py",
+           "weights = None if mask is None else mask_weights(xp, mask, x, f)\n    fast",
+           "weights = None\n    fast", (CORE_MATRIX,)),
+    Mutant("core-group-order", "group norm groups channels with a stride instead of consecutively",
+           "src/normkit/_family.py", "(num_groups, channels // num_groups)", "(channels // num_groups, num_groups)",
+           (CORE_MATRIX,)),
+    Mutant("core-inference-uncentred", "inference computes x * scale - mean * scale (cancellation at mean 1e4)",
+           "src/normkit/_batch_norm.py", "y = (xc - m) * scale\n", "y = xc * scale - m * scale\n", (CORE_MATRIX,)),
+    Mutant("core-chan-merge", "Chan's merge term divided by n**2 instead of n", "src/normkit/_moments.py",
+           "delta * delta * _safe_ratio(xp, na * nb, n)", "delta * delta * _safe_ratio(xp, na * nb, n * n)",
+           (CORE_MATRIX,)),
+    Mutant("core-backward-term", "the input gradient's xhat term misses one invstd", "src/normkit/_backward.py",
+           "b = -(k * invstd * invstd * dot) / n", "b = -(k * invstd * dot) / n", (CORE_MATRIX,)),
+    Mutant("core-feature-axis", "batch norm always normalizes along axis 1", "src/normkit/_batch_norm.py",
+           "    two_or_more_values(x, \"batch_norm\")\n    f = feature_axis(axis, x.ndim)",
+           "    two_or_more_values(x, \"batch_norm\")\n    f = feature_axis(1, x.ndim)", (CORE_MATRIX,)),
+    Mutant("core-running-stats-keep-history", "running statistics keep autograd history", "src/normkit/_running.py",
+           "mean = stop_gradient(xp, batch.mean)", "mean = batch.mean", (CORE_MATRIX,)),
+]
+
+
+def _copy(dest: Path) -> None:
+    for name in SOURCES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", ".pytest_cache"))
+        else:
+            shutil.copy2(src, dest / name)
+
+
+def _apply(copy: Path, m: Mutant) -> None:
+    path = copy / m.path
+    text = path.read_text()
+    count = text.count(m.find)
+    if count != 1:
+        raise RuntimeError(f"mutant {m.name}: the snippet occurs {count} times in {m.path} (must be exactly once)")
+    path.write_text(text.replace(m.find, m.replace))
+
+
+def _run(m: Mutant) -> tuple[Mutant, bool, str, float]:
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{m.name}-") as tmp:
+        copy = Path(tmp)
+        _copy(copy)
+        _apply(copy, m)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(str(copy / p) for p in PYTHONPATHS)
+        env.setdefault("KERAS_BACKEND", "tensorflow")
+        env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+        env["NORMKIT_STRICT_PLUGINS"] = "1"
+        env.update(dict(m.env))
+        for cwd, *args in m.tests:
+            cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:randomly", *args]
+            try:
+                run = subprocess.run(cmd, cwd=copy / cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+            except subprocess.TimeoutExpired:
+                return m, True, f"{' '.join(args)}: timed out (counted as killed)", time.perf_counter() - start
+            if run.returncode != 0:
+                failed = [ln for ln in run.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))]
+                return m, True, (failed[0] if failed else run.stdout.strip().splitlines()[-1]), time.perf_counter() - start
+    return m, False, "every test passed", time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", action="append", default=[], help="run only this mutant (repeatable)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--jobs", type=int, default=2, help="mutants run at once (default 2)")
+    args = parser.parse_args(argv)
+    mutants = [m for m in MUTANTS if not args.only or m.name in args.only]
+    if args.list:
+        for m in mutants:
+            print(f"{m.name:32s} {m.path}: {m.description}")
+        return 0
+    unknown = set(args.only) - {m.name for m in MUTANTS}
+    if unknown:
+        parser.error(f"unknown mutants {sorted(unknown)}")
+    killed = 0
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for m, dead, detail, seconds in pool.map(_run, mutants):
+            killed += dead
+            print(f"{'killed  ' if dead else 'SURVIVED'} {m.name:32s} {seconds:5.0f} s  {detail}", flush=True)
+    print(f"{killed} of {len(mutants)} mutants killed")
+    return 0 if killed == len(mutants) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
