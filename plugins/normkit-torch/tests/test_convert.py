@@ -103,7 +103,7 @@ def test_root_module_and_lazy_and_sync():
     sync = nn.SyncBatchNorm(3, momentum=0.2, dtype=F64)
     randomize(sync)
     ours = nkt.convert(nn.Sequential(sync))[0]
-    assert type(ours) is nkt.BatchNorm and ours.momentum == 0.2
+    assert type(ours) is nkt.SyncBatchNorm and ours.momentum == 0.2  # synchronized, never a local BatchNorm
     x = data((2, 3, 4, 5))
     ref = nn.BatchNorm2d(3, momentum=0.2, dtype=F64)
     ref.load_state_dict(sync.state_dict())

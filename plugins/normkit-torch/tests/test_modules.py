@@ -23,9 +23,8 @@ TIGHT = dict(rtol=1e-10, atol=1e-12)
 
 @pytest.mark.parametrize("theirs,ours", list(TO_NORMKIT.items()), ids=lambda c: c.__name__)
 def test_signature_and_class(theirs, ours):
-    same = nn.BatchNorm1d if theirs is nn.SyncBatchNorm else theirs  # BatchNorm: no process_group, local stats
-    assert inspect.signature(ours.__init__) == inspect.signature(same.__init__)
-    assert ours.__name__ == (theirs.__name__ if theirs is not nn.SyncBatchNorm else "BatchNorm")
+    assert inspect.signature(ours.__init__) == inspect.signature(theirs.__init__)
+    assert ours.__name__ == theirs.__name__
     assert issubclass(ours, nn.modules.batchnorm._BatchNorm) == issubclass(theirs, nn.modules.batchnorm._BatchNorm)
 
 

@@ -26,6 +26,7 @@ _EXPORTS = {
     "LazyBatchNorm1d": "_batchnorm",
     "LazyBatchNorm2d": "_batchnorm",
     "LazyBatchNorm3d": "_batchnorm",
+    "SyncBatchNorm": "_sync",
     "InstanceNorm1d": "_instancenorm",
     "InstanceNorm2d": "_instancenorm",
     "InstanceNorm3d": "_instancenorm",
@@ -67,6 +68,7 @@ if TYPE_CHECKING:
     )
     from normkit_torch._normalization import GroupNorm, LayerNorm, RMSNorm
     from normkit_torch._preprocessing import MinMaxScale, Standardize
+    from normkit_torch._sync import SyncBatchNorm
 
 
 def __getattr__(name: str) -> Any:

@@ -8,15 +8,14 @@ a user's subclass of ``nn.BatchNorm2d`` may change behaviour and is left alone.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
-import torch
 from torch import nn
 
 from normkit_torch import _batchnorm as bn
 from normkit_torch import _instancenorm as inorm
 from normkit_torch import _normalization as norm
+from normkit_torch import _sync
 
 __all__ = ["convert", "to_torch", "constructor_kwargs"]
 
@@ -29,7 +28,7 @@ def _pairs() -> list[tuple[type, type]]:
         (nn.LazyBatchNorm1d, bn.LazyBatchNorm1d),
         (nn.LazyBatchNorm2d, bn.LazyBatchNorm2d),
         (nn.LazyBatchNorm3d, bn.LazyBatchNorm3d),
-        (nn.SyncBatchNorm, bn.BatchNorm),
+        (nn.SyncBatchNorm, _sync.SyncBatchNorm),
         (nn.InstanceNorm1d, inorm.InstanceNorm1d),
         (nn.InstanceNorm2d, inorm.InstanceNorm2d),
         (nn.InstanceNorm3d, inorm.InstanceNorm3d),
@@ -97,6 +96,8 @@ def _swap(module: nn.Module, target: type) -> nn.Module:
         reset()
     if hasattr(module, "qconfig"):
         new.qconfig = module.qconfig
+    if hasattr(module, "process_group") and hasattr(new, "process_group"):  # SyncBatchNorm both ways
+        new.process_group = module.process_group
     return new
 
 
@@ -105,8 +106,6 @@ def _replace(module: nn.Module, mapping: dict[type, type], seen: dict[int, nn.Mo
         return seen[id(module)]
     target = mapping.get(type(module))
     if target is not None:
-        if type(module) is nn.SyncBatchNorm:
-            _warn_sync(path)
         out = _swap(module, target)
     else:
         for name, child in list(module._modules.items()):
@@ -117,21 +116,11 @@ def _replace(module: nn.Module, mapping: dict[type, type], seen: dict[int, nn.Mo
     return out
 
 
-def _warn_sync(path: str) -> None:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        warnings.warn(
-            f"normkit_torch.convert: SyncBatchNorm {path or '(root)'} becomes normkit_torch.BatchNorm, which "
-            "normalizes with the statistics of each process's own batch (no cross-process synchronization)",
-            stacklevel=4,
-        )
-
-
 def convert(module: nn.Module) -> nn.Module:
     """Replace every torch.nn normalization module in ``module`` by its normkit twin, in place; return the model.
 
-    Swapped: BatchNorm1d/2d/3d, SyncBatchNorm (-> ``normkit_torch.BatchNorm``, any rank >= 2,
-    local batch statistics only), InstanceNorm1d/2d/3d, LayerNorm, GroupNorm, RMSNorm and the
+    Swapped: BatchNorm1d/2d/3d, SyncBatchNorm (-> ``normkit_torch.SyncBatchNorm``, same process
+    group, synchronized on any backend), InstanceNorm1d/2d/3d, LayerNorm, GroupNorm, RMSNorm and the
     Lazy variants. As with ``convert_sync_batchnorm``, a root that is itself a normalization
     module cannot be swapped in place: use the returned module.
     """
@@ -141,6 +130,7 @@ def convert(module: nn.Module) -> nn.Module:
 def to_torch(module: nn.Module) -> nn.Module:
     """Replace every normkit module in ``module`` by its torch.nn twin, in place; return the model.
 
-    ``normkit_torch.BatchNorm`` (any rank) becomes ``torch.nn.SyncBatchNorm`` (default process group).
+    ``normkit_torch.SyncBatchNorm`` becomes ``torch.nn.SyncBatchNorm`` (same process group).
+    ``normkit_torch.BatchNorm`` (any rank, local statistics) has no torch twin and is left as it is.
     """
     return _replace(module, TO_TORCH, {}, "")

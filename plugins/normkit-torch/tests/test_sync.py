@@ -1,0 +1,323 @@
+"""normkit_torch.SyncBatchNorm: two gloo processes against ONE process on the concatenated batch; conversions.
+
+The two-process cases all run in one pair of workers (sync_worker.py, started once for the module,
+killed at a deadline): each rank runs every case and saves what it saw; the tests here build the
+one-process reference (torch.nn's batch norm and the float64 NumPy reference) on the same global
+batches and compare.
+
+Tolerances. float64: at most 8 * 30 = 240 values per channel of size O(1..10); each sum errs by at
+most n * eps = 240 * 1.1e-16 < 3e-14 relative, and normalization multiplies it by |x - mean| / std
+< 10: under 3e-13, so rtol 1e-10 / atol 1e-12 leaves a 300x margin. Other dtypes: at the case.
+"""
+
+from __future__ import annotations
+
+import datetime
+import inspect
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from normkit.testing import reference
+from torch import nn
+
+import normkit_torch as nkt
+import sync_worker as sw
+
+TIGHT = dict(rtol=1e-10, atol=1e-12)
+F64 = torch.float64
+DEADLINE_S = 45.0
+WORKER = Path(__file__).with_name("sync_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(outdir: Path) -> tuple[list[int], str]:
+    """Both ranks, each writing ``rank{R}.pt``; killed at the deadline. Returns (exit codes, their output)."""
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    logs = [open(outdir / f"rank{r}.log", "w+") for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), "2", str(port), str(outdir)],
+                              stdout=logs[r], stderr=subprocess.STDOUT, env=env) for r in range(2)]
+    end = time.monotonic() + DEADLINE_S
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(end - time.monotonic(), 0.1)))
+        except subprocess.TimeoutExpired:
+            codes.append(None)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    text = ""
+    for r, log in enumerate(logs):
+        log.seek(0)
+        text += f"--- rank {r} ---\n{log.read()[-3000:]}\n"
+        log.close()
+    return codes, text
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict[str, Any]]:
+    """What each of the two ranks saved; the workers run once for the whole module."""
+    for attempt in range(2):  # another process may take the free port between its choice and its use
+        outdir = tmp_path_factory.mktemp(f"sync{attempt}")
+        codes, text = _launch(outdir)
+        if codes == [0, 0] or "address already in use" not in text.lower():
+            break
+    assert None not in codes, f"the two gloo workers did not finish within {DEADLINE_S} s (killed)\n{text}"
+    assert codes == [0, 0], f"gloo workers failed with exit codes {codes}\n{text}"
+    results = [torch.load(outdir / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for r, res in enumerate(results):
+        assert "error" not in res, f"rank {r} raised:\n{res['error']}"
+    return results
+
+
+def _cat(ranks: list[dict], *path: Any) -> torch.Tensor:
+    parts = []
+    for res in ranks:
+        for key in path:
+            res = res[key]
+        parts.append(res)
+    return torch.cat(parts)
+
+
+def _reference_layer(case: dict[str, Any], seed: int, dtype: torch.dtype = F64) -> nn.Module:
+    cls = nn.BatchNorm2d if len(case["spatial"]) == 2 else nn.BatchNorm1d
+    ref = sw.init_layer(cls(sw.C, dtype=F64, **case.get("kwargs", {})))
+    if dtype != F64:  # the workers' module is float32: the same rounded parameters, computed in float64
+        with torch.no_grad():
+            for t in list(ref.parameters()) + [ref.running_mean, ref.running_var]:
+                t.copy_(t.float().double())
+    return ref
+
+
+def _check_layer_case(ranks: list[dict], name: str, case: dict, seed: int, dtype: torch.dtype, tol: dict,
+                      mean_tol: dict, var_tol: dict, grads: bool = True) -> None:
+    """Every step of ``case`` against torch.nn on the concatenated batch, and against the NumPy reference."""
+    stat_tol = {"running_mean": mean_tol, "running_var": var_tol}
+    ref = _reference_layer(case, seed, dtype)
+    sizes, spatial = case["sizes"], case["spatial"]
+    momentum = case.get("kwargs", {}).get("momentum", 0.1)
+    eps = case.get("kwargs", {}).get("eps", 1e-5)
+    np_mean, np_var = ref.running_mean.numpy().copy(), ref.running_var.numpy().copy()
+    weight = ref.weight.detach().numpy().copy()
+    for step in range(sw.STEPS):
+        x = sw.batch(sizes, spatial, seed + step, offset=case.get("offset", 0.0)).to(dtype).double().requires_grad_()
+        g = sw.batch(sizes, spatial, seed + 50 + step).to(dtype).double()
+        y = ref(x)
+        (y * g).sum().backward()
+        got = lambda key: _cat(ranks, name, "steps", step, key).double()  # noqa: E731
+        # against torch.nn on one process
+        torch.testing.assert_close(got("y"), y.detach(), **tol)
+        for key, want in (("grad_weight", ref.weight.grad), ("grad_bias", ref.bias.grad)) if grads else ():
+            local = [res[name]["steps"][step][key].double() for res in ranks]  # local sums; DDP averages them
+            torch.testing.assert_close(local[0] + local[1], want, **tol)
+        if grads:
+            torch.testing.assert_close(got("grad_input"), x.grad, **tol)
+        for key in ("running_mean", "running_var"):
+            a, b = (res[name]["steps"][step][key] for res in ranks)
+            assert torch.equal(a, b), f"{name} step {step}: {key} differs between ranks"
+            torch.testing.assert_close(a.double(), getattr(ref, key), **stat_tol[key])
+        assert [res[name]["steps"][step]["num_batches_tracked"] for res in ranks] == [step + 1] * 2
+        # against the float64 NumPy reference (the definition)
+        m = 1.0 / (step + 1) if momentum is None else momentum
+        xn, gn = x.detach().numpy(), g.numpy()
+        y_np, np_mean, np_var = reference.batch_norm(xn, np_mean, np_var, weight, ref.bias.detach().numpy(),
+                                                     training=True, momentum=m, eps=eps)
+        dx_np, dw_np, _ = reference.batch_norm_grad(xn, gn, weight, eps=eps)
+        np.testing.assert_allclose(got("y").numpy(), y_np, **tol)
+        if grads:
+            np.testing.assert_allclose(got("grad_input").numpy(), dx_np, **tol)
+        for key, want in (("running_mean", np_mean), ("running_var", np_var)):
+            np.testing.assert_allclose(ranks[0][name]["steps"][step][key].double().numpy(), want, **stat_tol[key])
+        ref.zero_grad()
+    ref.eval()
+    x_eval = sw.batch(sizes, spatial, seed + 99).to(dtype).double()
+    torch.testing.assert_close(_cat(ranks, name, "eval").double(), ref(x_eval), **tol)
+
+
+@pytest.mark.parametrize("name", list(sw.LAYER_CASES))
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(ranks, name):
+    """even (4+4), uneven (3+5, cumulative momentum, 3-D input), empty rank (0+8): two steps, then eval."""
+    seed = 10 * list(sw.LAYER_CASES).index(name)
+    _check_layer_case(ranks, name, sw.LAYER_CASES[name], seed, F64, TIGHT, TIGHT, TIGHT)
+
+
+def test_one_collective_per_forward_and_per_backward_none_in_eval(ranks):
+    for res in ranks:
+        for name in sw.LAYER_CASES:
+            for step in res[name]["steps"]:
+                assert step["collectives"] == (["all_gather_single"], ["all_reduce"]), name
+            assert res[name]["eval_collectives"] == [], name
+
+
+def test_half_input_is_reduced_in_float32(ranks):
+    """float16 input, float32 module, ranks 3 + 5. The output and input gradient are rounded to float16 once
+    (relative error <= 2**-11; rtol 2**-10 leaves room for the float32 arithmetic, about 1e-6 absolute, atol
+    1e-5); the float32 running statistics err by the float32 sums over 128 values: rtol 1e-5."""
+    case = sw.HALF_CASE
+    stats = dict(rtol=1e-5, atol=1e-6)
+    _check_layer_case(ranks, "half", case, 40, case["dtype"], dict(rtol=2**-10, atol=1e-5), stats, stats)
+
+
+def test_float32_data_far_from_zero_keeps_its_variance(ranks):
+    """Mean 1e4, std 0.5..2 in float32 (where E[x^2] - E[x]^2 loses every digit: 1e8 * 6e-8 = 6 > var).
+    momentum 1: the running statistics ARE the global batch statistics. Mean: float32 rounding of 1e4,
+    half an ulp = 4.9e-4, rtol 1e-7. Variance: x - mean is exact (Sterbenz), pairwise float32 sums of
+    1024 squares per rank err by 10 * 6e-8; rtol 1e-5. Output: the mean's 4.9e-4 over std >= 0.5: atol 2e-3.
+    Gradients are not compared here: any float32 mean near 1e4 is 4.9e-4 off, a bias of sum(dy) * 4.9e-4 / std
+    in grad_weight that no float32 layer (torch's included) avoids."""
+    case = sw.SHIFTED_CASE
+    _check_layer_case(ranks, "shifted", case, 60, torch.float32, dict(rtol=1e-5, atol=2e-3),
+                      dict(rtol=1e-7, atol=0), dict(rtol=1e-5, atol=0), grads=False)
+
+
+def test_ddp_training_equals_one_process_on_the_global_batch(ranks):
+    """torch model -> nn.SyncBatchNorm.convert_sync_batchnorm -> normkit_torch.convert -> DDP (gloo, CPU),
+    SGD with momentum for 3 steps on 4 + 4 samples: parameters and running statistics equal one process
+    on the 8 samples (the mean loss over the global batch is the average of the two ranks' mean losses)."""
+    assert all(res["ddp"]["kinds"] == ["SyncBatchNorm"] for res in ranks)
+    net = sw.make_net(nn.BatchNorm2d)
+    opt = torch.optim.SGD(net.parameters(), lr=sw.DDP_LR, momentum=0.9)
+    for step in range(sw.DDP_STEPS):
+        x, target = sw.ddp_data(step)
+        opt.zero_grad()
+        nn.functional.mse_loss(net(x), target).backward()
+        opt.step()
+    want = net.state_dict()
+    for r, res in enumerate(ranks):
+        got = res["ddp"]["state"]
+        assert list(got) == list(want)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], **TIGHT, msg=lambda m: f"rank {r} {key}: {m}")
+    # the parameters moved: the comparison is not between two untouched initializations
+    assert not torch.allclose(want["0.weight"], sw.make_net(nn.BatchNorm2d).state_dict()["0.weight"])
+
+
+def test_all_gather_moments_merges_mask_counts_and_int_counts(ranks):
+    """Rank 0 passes per-feature counts (a mask), rank 1 an int count: the merge is the masked data's statistics."""
+    x = sw.batch((5, 6), (), seed=300).numpy()
+    mask = (np.arange(11).reshape(11, 1) % np.array([1, 2, 3])) == 0
+    mask[5:] = True
+    for res in ranks:
+        got = res["collectives"]
+        for f in range(sw.C):
+            values = x[mask[:, f], f]
+            assert got["count"][f].item() == values.size
+            np.testing.assert_allclose(got["mean"][f].item(), values.mean(), **TIGHT)
+            np.testing.assert_allclose(got["m2"][f].item(), ((values - values.mean()) ** 2).sum(), **TIGHT)
+
+
+# --- one process ----------------------------------------------------------------------------------
+
+
+def _pair(**kwargs: Any) -> tuple[nn.Module, nn.Module]:
+    ours = sw.init_layer(nkt.SyncBatchNorm(sw.C, dtype=F64, **kwargs))
+    theirs = nn.BatchNorm2d(sw.C, dtype=F64, **kwargs)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def _steps_equal(ours: nn.Module, theirs: nn.Module) -> None:
+    for step in range(2):
+        x = sw.batch((3, 4), (5, 6), seed=step)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa), theirs(xb)
+        torch.testing.assert_close(ya, yb, **TIGHT)
+        ya.square().sum().backward()
+        yb.square().sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad, **TIGHT)
+        for (name, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
+            torch.testing.assert_close(a.grad, b.grad, **TIGHT, msg=name)
+        for (name, a), (_, b) in zip(ours.named_buffers(), theirs.named_buffers()):
+            torch.testing.assert_close(a, b, **TIGHT, msg=name)
+    ours.eval(), theirs.eval()
+    x = sw.batch((2, 2), (5, 6), seed=9)
+    torch.testing.assert_close(ours(x), theirs(x), **TIGHT)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"momentum": None}, {"track_running_stats": False}, {"affine": False}],
+                         ids=str)
+def test_single_process_equals_batchnorm2d(kwargs):
+    assert not dist.is_initialized()
+    _steps_equal(*_pair(**kwargs))
+
+
+def test_world_of_one_is_plain_batch_norm():
+    """An initialized group of one rank (a DDP script run alone): no collective, torch.nn's batch norm."""
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=20))
+    try:
+        with sw.CountCollectives() as counted:
+            _steps_equal(*_pair())
+        assert counted.calls == []
+    finally:
+        dist.destroy_process_group()
+
+
+def test_class_surface_is_torchs():
+    ours, theirs = nkt.SyncBatchNorm(4, momentum=0.2, bias=False), nn.SyncBatchNorm(4, momentum=0.2, bias=False)
+    # a _BatchNorm (swa_utils, FSDP and weight-decay filters see it), not an nn.SyncBatchNorm: DDP refuses those on CPU
+    assert isinstance(ours, nn.modules.batchnorm._BatchNorm) and not isinstance(ours, nn.SyncBatchNorm)
+    assert inspect.signature(nkt.SyncBatchNorm) == inspect.signature(nn.SyncBatchNorm)
+    assert repr(ours) == repr(theirs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    for bad in (torch.randn(3), torch.randn(4, 0)):
+        with pytest.raises(ValueError) as a:
+            ours(bad)
+        with pytest.raises(ValueError) as b:
+            theirs(bad)
+        assert str(a.value) == str(b.value)
+    with pytest.raises(ValueError) as a:  # one value per channel in training, one process
+        nkt.SyncBatchNorm(3)(torch.randn(1, 3))
+    with pytest.raises(ValueError) as b:
+        nn.SyncBatchNorm(3)(torch.randn(1, 3))
+    assert str(a.value) == str(b.value)
+
+
+def test_convert_and_to_torch_map_sync_batch_norm_both_ways():
+    group = object()  # stands for a process group: carried over, never used in one process
+    net = nn.Sequential(nn.Conv2d(3, 3, 1), nn.SyncBatchNorm(3, momentum=0.3, process_group=group)).to(F64)
+    bn = net[1]
+    sw.init_layer(bn)
+    net.eval()
+    ours = nkt.convert(net)[1]
+    assert type(ours) is nkt.SyncBatchNorm and ours.process_group is group and not ours.training
+    assert ours.weight is bn.weight and ours.running_var is bn.running_var and ours.momentum == 0.3
+    back = nkt.to_torch(nn.Sequential(ours))[0]
+    assert type(back) is nn.SyncBatchNorm and back.process_group is group and back.weight is bn.weight
+
+
+def test_convert_sync_batchnorm_from_torch_and_normkit_modules():
+    net = nn.Sequential(nn.BatchNorm2d(3, bias=False), nkt.BatchNorm1d(3, track_running_stats=False),
+                        nn.Sequential(nn.SyncBatchNorm(3, affine=False)), nn.Conv2d(3, 3, 1)).to(F64)
+    net[0].eval()
+    before = [(id(m.weight), id(m.running_mean), id(m.num_batches_tracked), m.training)
+              for m in (net[0], net[1], net[2][0])]
+    out = nkt.SyncBatchNorm.convert_sync_batchnorm(net, process_group="pg")
+    assert out is net and type(net[3]) is nn.Conv2d
+    mods = (net[0], net[1], net[2][0])
+    assert all(type(m) is nkt.SyncBatchNorm and m.process_group == "pg" for m in mods)
+    assert [(id(m.weight), id(m.running_mean), id(m.num_batches_tracked), m.training) for m in mods] == before
+    assert net[0].bias is None and net[1].running_mean is None and net[2][0].weight is None
+    torch_version = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(3, bias=False)).to(F64))[0]
+    assert list(net[0].state_dict()) == list(torch_version.state_dict())
+    root = nkt.SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm2d(3))  # a root is returned, not swapped
+    assert type(root) is nkt.SyncBatchNorm
