@@ -57,7 +57,7 @@ class NormState:
         ``momentum=None``), or the layer keeps no running statistics (momentum has no effect).
     running_var_correction: how the source *updates* ``running_var``: 1 with the unbiased batch
         variance (torch), 0 with the biased one (Keras); None without running statistics.
-    num_batches_tracked: batches the running statistics have seen (torch's counter), None if unknown.
+    num_batches_tracked: batches the running statistics have seen (torch's counter); None if unknown or none.
     num_groups: group norm's number of groups (``C`` divisible by it); None for other kinds.
     feature_axis: batch/group/instance: the axis of the features in the layer's input, 1 for
         channels-first (torch), -1 for channels-last (Keras's default); other axes negative

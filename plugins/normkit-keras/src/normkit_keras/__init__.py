@@ -28,6 +28,11 @@ _LAYERS = {
 _FUNCTIONS = {
     "set_kernel_policy": "normkit_keras._kernels",
     "get_kernel_policy": "normkit_keras._kernels",
+    "get_state": "normkit_keras._state",
+    "set_state": "normkit_keras._state",
+    "from_state": "normkit_keras._state",
+    "norm_states": "normkit_keras._state",
+    "copy_norm_states": "normkit_keras._state",
 }
 
 __all__ = list(_LAYERS) + list(_FUNCTIONS)
@@ -37,6 +42,7 @@ if TYPE_CHECKING:
     from normkit_keras._kernels import get_kernel_policy, set_kernel_policy
     from normkit_keras._family import GroupNormalization, LayerNormalization, RMSNormalization, UnitNormalization
     from normkit_keras._preprocessing import MinMaxScale, Standardize
+    from normkit_keras._state import copy_norm_states, from_state, get_state, norm_states, set_state
 
 
 def __getattr__(name: str) -> Any:

@@ -42,6 +42,11 @@ _EXPORTS = {
     "to_torch": "_convert",
     "set_kernel_policy": "_functional",
     "get_kernel_policy": "_functional",
+    "get_state": "_state",
+    "set_state": "_state",
+    "from_state": "_state",
+    "norm_states": "_state",
+    "copy_norm_states": "_state",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -68,6 +73,7 @@ if TYPE_CHECKING:
     )
     from normkit_torch._normalization import GroupNorm, LayerNorm, RMSNorm
     from normkit_torch._preprocessing import MinMaxScale, Standardize
+    from normkit_torch._state import copy_norm_states, from_state, get_state, norm_states, set_state
     from normkit_torch._sync import SyncBatchNorm
 
 
