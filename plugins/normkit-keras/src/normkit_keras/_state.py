@@ -141,6 +141,17 @@ def get_state(layer: Any) -> NormState:
     )
 
 
+def _batch_problem(state: NormState) -> Optional[str]:
+    """Why Keras's BatchNormalization cannot hold a batch norm ``state`` (None when it can)."""
+    if not state.track_running_stats:
+        return ("the state has no running statistics (it normalizes with batch statistics at inference); "
+                "Keras's BatchNormalization always uses its moving statistics there")
+    if state.momentum is None:
+        return ("the state's momentum is None (torch's cumulative average), which Keras has no equivalent of: "
+                "choose one, e.g. state.replace(momentum=0.01) or from_state(..., momentum=0.99)")
+    return None
+
+
 def _compatible(kind: str, layer: Any, state: NormState) -> Optional[str]:
     """Why ``state`` cannot go into ``layer`` (None when it can)."""
     name = f"{type(layer).__name__} {layer.name!r}"
@@ -162,12 +173,7 @@ def _compatible(kind: str, layer: Any, state: NormState) -> Optional[str]:
     if tuple(state.shape) != channels:
         return f"size mismatch: the state's per-feature shape is {state.shape}, {name} has {channels}"
     if kind == "batch":
-        if not state.track_running_stats:
-            return ("the state has no running statistics (it normalizes with batch statistics at inference); "
-                    "Keras's BatchNormalization always uses its moving statistics there")
-        if state.momentum is None:
-            return ("the state's momentum is None (torch's cumulative average), which Keras has no equivalent of: "
-                    "choose one, e.g. state.replace(momentum=0.01)")
+        return _batch_problem(state)
     if kind in ("layer", "rms"):
         ours = _normalized_axes(layer, rank)
         theirs = state.trailing_axes or state.normalized_axes
@@ -280,8 +286,9 @@ def from_state(
     if state.kind != "rms":
         kwargs.update(center=state.centered, scale=state.scaled)
     if state.kind == "batch":
-        if state.momentum is None:
-            raise ValueError("the state's momentum is None (torch's cumulative average): pass momentum= (Keras's convention)")
+        problem = _batch_problem(state)
+        if problem:
+            raise ValueError(problem)
         cls, kwargs["momentum"] = _bn.BatchNormalization, NormState.complement(state.momentum)
     elif state.kind in ("group", "instance"):
         if state.track_running_stats:

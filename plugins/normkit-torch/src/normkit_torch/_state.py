@@ -13,6 +13,7 @@ LayerNorm, GroupNorm, RMSNorm; Lazy ones once initialized).
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -281,7 +282,8 @@ def norm_states(model: nn.Module) -> dict[str, NormState]:
 
 def _source_states(source: Any) -> dict[str, NormState]:
     """States from a torch model, a mapping or sequence of ``NormState``, or a model of another framework."""
-    if isinstance(source, nn.Module):
+    keras = sys.modules.get("keras")  # Keras layers are torch modules on Keras's torch backend: not ours
+    if isinstance(source, nn.Module) and not (keras is not None and isinstance(source, keras.layers.Layer)):
         return norm_states(source)
     if isinstance(source, Mapping):
         return dict(source)
