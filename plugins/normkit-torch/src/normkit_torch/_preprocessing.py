@@ -1,9 +1,11 @@
 """Fitted data scalers as modules: z-scores (``Standardize``) and min-max scaling (``MinMaxScale``).
 
-Both are fitted once on training data (a tensor, or an iterable of batches such as a DataLoader
-yielding tensors or ``(x, y)`` tuples) with ``normkit.Moments``, whose Chan merge makes the
-statistics of many batches equal to those of the whole data. The fitted statistics are buffers:
-they travel with ``state_dict``, ``.to()`` and ``torch.save``.
+Both are fitted once on training data (a tensor, a NumPy array, a dask array, or an iterable of
+batches such as a DataLoader yielding tensors or ``(x, y)`` tuples) with ``normkit.Moments``, whose
+Chan merge makes the statistics of many batches equal to those of the whole data. A dask array is
+reduced where it lives (a dask.distributed cluster when a Client is active): one graph, one compute,
+``Moments.from_array`` of each chunk in float64 merged pairwise with ``Moments.merge``. The fitted
+statistics are buffers: they travel with ``state_dict``, ``.to()`` and ``torch.save``.
 
 standardize:   z = (x - mean) / std   (population std; a constant feature gives 0)
 min_max_scale: y = lo + (x - data_min) / (data_max - data_min) * (hi - lo)   (a constant feature gives lo)
@@ -11,8 +13,11 @@ min_max_scale: y = lo + (x - data_min) / (data_max - data_min) * (hi - lo)   (a 
 
 from __future__ import annotations
 
+import itertools
+import sys
 from typing import Any, Iterable, Union
 
+import numpy as np
 import torch
 from normkit import Moments
 from torch import Tensor, nn
@@ -22,13 +27,47 @@ from normkit_torch import _functional
 __all__ = ["Standardize", "MinMaxScale"]
 
 
+def _is_dask_array(data: Any) -> bool:
+    """True for a dask array (dask is never imported here: an array of it means it is loaded)."""
+    da = sys.modules.get("dask.array")
+    return da is not None and isinstance(data, da.Array)
+
+
+def _dask_moments(data: Any, axis: int, owner: str) -> Moments:
+    """``Moments`` of a dask array in ONE compute: each chunk's ``Moments.from_array`` in float64, merged
+    pairwise with ``Moments.merge`` (one pass over the data; workers run only normkit and NumPy)."""
+    import dask
+
+    if not np.issubdtype(data.dtype, np.floating):
+        raise TypeError(f"{owner} expects floating-point data, got a dask array of dtype {data.dtype}")
+    x = data.astype(np.float64).rechunk({axis % data.ndim: -1})  # every chunk holds all features
+    shapes = itertools.product(*x.chunks)
+    parts = [dask.delayed(Moments.from_array)(block, axis=axis)
+             for block, shape in zip(x.to_delayed().ravel(), shapes) if 0 not in shape]
+    if not parts:
+        raise ValueError(f"{owner} got no values to reduce over (a dask array of shape {tuple(data.shape)})")
+    while len(parts) > 1:
+        merged = [dask.delayed(Moments.merge)(a, b) for a, b in zip(parts[::2], parts[1::2])]
+        parts = merged + parts[len(merged) * 2:]
+    (total,) = dask.compute(parts[0])
+    return total
+
+
 def _fit_moments(data: Union[Tensor, Iterable[Any]], axis: int, num_features: int, owner: str) -> Moments:
     """Mergeable statistics of ``data`` per feature along ``axis``, with no autograd history."""
     with torch.no_grad():
         if isinstance(data, Tensor):
             moments = Moments.from_array(data.detach(), axis=axis)
+        elif isinstance(data, np.ndarray):
+            moments = Moments.from_array(data, axis=axis)
+        elif _is_dask_array(data):
+            moments = _dask_moments(data, axis, f"{owner}.fit")
         else:
             moments = Moments.from_batches(data, axis=axis)
+    if isinstance(moments.mean, np.ndarray):  # fitted from NumPy or dask: statistics as tensors
+        count = int(moments.count) if np.ndim(moments.count) == 0 else torch.as_tensor(moments.count)
+        moments = Moments(count, *(None if v is None else torch.as_tensor(v)
+                                   for v in (moments.mean, moments.m2, moments.min, moments.max)))
     if tuple(moments.mean.shape) != (num_features,):
         raise ValueError(
             f"{owner} was built for num_features={num_features} along axis={axis}, but the data has "
