@@ -3,7 +3,9 @@
 ``adapt`` accepts a NumPy array, a backend tensor, a ``tf.data.Dataset`` or any iterable of
 batches (``(x, y)`` tuples use ``x``). Statistics are gathered chunk by chunk in float64 with
 ``normkit.Moments`` (Chan's merge, exact to round-off against the whole data) and stored as
-non-trainable weights, so they are saved and loaded with the model.
+non-trainable weights, so they are saved and loaded with the model. A dask array is reduced where it
+lives (on a dask.distributed cluster when a Client is active): one graph, one compute, each chunk's
+``Moments.from_array`` in float64 merged pairwise with ``Moments.merge``.
 """
 
 from __future__ import annotations
@@ -60,6 +62,39 @@ def _tf_if_loaded() -> Any:
     return sys.modules.get("tensorflow")
 
 
+def _is_dask_array(data: Any) -> bool:
+    """True for a dask array (dask is never imported here: an array of it means it is loaded)."""
+    import sys
+
+    da = sys.modules.get("dask.array")
+    return da is not None and isinstance(data, da.Array)
+
+
+def _dask_moments(data: Any, axis: int | None) -> normkit.Moments:
+    """``Moments`` of a dask array in ONE compute: each chunk's ``Moments.from_array`` in float64, merged
+    pairwise with ``Moments.merge`` (one pass over the data; workers run only normkit and NumPy)."""
+    import dask
+
+    x = data.astype(np.float64)
+    if axis is None:  # one feature of every value (0-d NumPy statistics decay to scalars when merged)
+        x, feature = x.reshape((-1, 1)), -1
+    else:
+        x, feature = x.rechunk({axis % x.ndim: -1}), axis  # every chunk holds all features
+    shapes = itertools.product(*x.chunks)
+    parts = [dask.delayed(normkit.Moments.from_array)(block, axis=feature)
+             for block, shape in zip(x.to_delayed().ravel(), shapes) if 0 not in shape]
+    if not parts:
+        raise ValueError(f"adapt() received a dask array with no values (shape {tuple(data.shape)})")
+    while len(parts) > 1:
+        merged = [dask.delayed(normkit.Moments.merge)(a, b) for a, b in zip(parts[::2], parts[1::2])]
+        parts = merged + parts[len(merged) * 2:]
+    (total,) = dask.compute(parts[0])
+    if axis is None:
+        total = normkit.Moments(*(v if v is None or np.ndim(v) == 0 else np.reshape(v, ())
+                                  for v in (total.count, total.mean, total.m2, total.min, total.max)))
+    return total
+
+
 class _AdaptedLayer(keras.layers.Layer):
     """Shared build / adapt / config for layers holding per-feature statistics along ``axis`` (None: one scalar)."""
 
@@ -87,6 +122,9 @@ class _AdaptedLayer(keras.layers.Layer):
 
     def adapt(self, data: Any) -> None:
         """Fit the statistics to ``data`` (replacing earlier ones), merging one batch at a time."""
+        if _is_dask_array(data):
+            self._adapt_dask(data)
+            return
         chunks = iter(_batches(data))
         first = next(chunks, None)
         if first is None:
@@ -107,6 +145,20 @@ class _AdaptedLayer(keras.layers.Layer):
         if total is None:
             raise ValueError("adapt() received only empty batches")
         self._assign(total)
+
+    def _adapt_dask(self, data: Any) -> None:
+        """A dask array reduced on its scheduler; shapes read as for a NumPy array (rank 1: one sample)."""
+        shape = tuple(data.shape)
+        if not self.built:
+            self.build((None,) + shape[1:] if len(shape) > 1 else shape)
+        if data.ndim == 1:
+            data = data[None]
+        if self.axis is not None and data.shape[self.axis] != self._feature_count():
+            raise ValueError(
+                f"adapt() got a dask array of shape {shape} whose feature axis {self.axis} has "
+                f"{data.shape[self.axis]} entries; the layer has {self._feature_count()}"
+            )
+        self._assign(_dask_moments(data, self.axis))
 
     def _feature_count(self) -> int:
         return int(getattr(self, self._stat_names[0][0]).shape[0])
