@@ -42,6 +42,17 @@ _EXPORTS = {
     "to_torch": "_convert",
     "set_kernel_policy": "_functional",
     "get_kernel_policy": "_functional",
+    "fold_batch_norm": "_fold",
+    "FrozenBatchNorm": "_frozen",
+    "FrozenBatchNorm1d": "_frozen",
+    "FrozenBatchNorm2d": "_frozen",
+    "FrozenBatchNorm3d": "_frozen",
+    "freeze": "_frozen",
+    "unfreeze": "_frozen",
+    "BatchRenorm1d": "_renorm",
+    "BatchRenorm2d": "_renorm",
+    "BatchRenorm3d": "_renorm",
+    "recalibrate": "_recalibrate",
     "get_state": "_state",
     "set_state": "_state",
     "from_state": "_state",
@@ -72,7 +83,18 @@ if TYPE_CHECKING:
         LazyInstanceNorm3d,
     )
     from normkit_torch._normalization import GroupNorm, LayerNorm, RMSNorm
+    from normkit_torch._fold import fold_batch_norm
+    from normkit_torch._frozen import (
+        FrozenBatchNorm,
+        FrozenBatchNorm1d,
+        FrozenBatchNorm2d,
+        FrozenBatchNorm3d,
+        freeze,
+        unfreeze,
+    )
     from normkit_torch._preprocessing import MinMaxScale, Standardize
+    from normkit_torch._recalibrate import recalibrate
+    from normkit_torch._renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
     from normkit_torch._state import copy_norm_states, from_state, get_state, norm_states, set_state
     from normkit_torch._sync import SyncBatchNorm
 
