@@ -1,4 +1,4 @@
-"""Shared helpers: every normkit module beside its torch.nn twin, with an input it takes."""
+"""Shared helpers: every normkit module beside its torch.nn twin, with an input it takes; the kernel policies."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from torch import nn
 import normkit_torch as nkt
 
 F64 = torch.float64
+POLICIES = ("auto", "core")
 
 # (normkit class, torch class, positional args, keyword args, input shape)
 PAIRS = [
@@ -78,3 +79,13 @@ def assert_state_equal(a: nn.Module, b: nn.Module, **tol) -> None:
 @pytest.fixture(params=PAIRS, ids=[pair_id(p) for p in PAIRS])
 def pair(request):
     return request.param
+
+
+@pytest.fixture(params=POLICIES)
+def policy(request):
+    """Each kernel policy in turn: "auto" (torch's kernels, the default) and "core" (normkit's math)."""
+    previous = nkt.set_kernel_policy(request.param)
+    try:
+        yield request.param
+    finally:
+        nkt.set_kernel_policy(previous)

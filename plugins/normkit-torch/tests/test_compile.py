@@ -1,4 +1,5 @@
-"""torch.compile(fullgraph=True): one graph, no Dynamo warnings, same results and buffer updates as eager torch.nn."""
+"""torch.compile(fullgraph=True), static and dynamic shapes, under both kernel policies: one graph, no Dynamo
+warnings, same results and buffer updates as eager torch.nn."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def _compiled_matches(ours: nn.Module, theirs: nn.Module, shapes, **compile_kwar
 
 
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum=0.1", "momentum=None"])
-def test_batch_norm_fullgraph_inductor(momentum):
+def test_batch_norm_fullgraph_inductor(momentum, policy):
     ours, theirs = nkt.BatchNorm2d(3, momentum=momentum, dtype=F64), nn.BatchNorm2d(3, momentum=momentum, dtype=F64)
     randomize(theirs)
     ours.load_state_dict(theirs.state_dict())
@@ -48,12 +49,12 @@ def test_batch_norm_fullgraph_inductor(momentum):
     _compiled_matches(ours, theirs, [(4, 3, 5, 6)])
 
 
-def test_batch_norm_fullgraph_dynamic_shapes():
+def test_batch_norm_fullgraph_dynamic_shapes(policy):
     ours, theirs = nkt.BatchNorm2d(3, dtype=F64), nn.BatchNorm2d(3, dtype=F64)
     _compiled_matches(ours, theirs, [(4, 3, 5, 6), (6, 3, 7, 2), (3, 3, 4, 4)], dynamic=True)
 
 
-def test_training_step_fullgraph_backward():
+def test_training_step_fullgraph_backward(policy):
     ours, theirs = nkt.BatchNorm1d(5, dtype=F64), nn.BatchNorm1d(5, dtype=F64)
     randomize(theirs)
     ours.load_state_dict(theirs.state_dict())
@@ -80,7 +81,7 @@ class _Family(nn.Module):
         return self.rms(self.ln(self.inorm(self.gn(x))))
 
 
-def test_family_fullgraph():
+def test_family_fullgraph(policy):
     ours, theirs = _Family(nkt), _Family(nn)
     randomize(theirs)
     ours.load_state_dict(theirs.state_dict())

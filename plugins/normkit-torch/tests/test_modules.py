@@ -1,4 +1,6 @@
-"""Each normkit module against its torch.nn twin, computed in the test: arguments, state, math, modes, dtypes."""
+"""Each normkit module against its torch.nn twin, computed in the test: arguments, state, math, modes, dtypes.
+
+Every test that computes runs under both kernel policies (fixture ``policy``): torch's kernels and the core."""
 
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ def test_defaults_parameters_buffers_repr(pair):
     assert ours._version == theirs._version
 
 
-def test_state_dict_loads_both_ways(pair):
+def test_state_dict_loads_both_ways(pair, policy):
     ours, theirs = make_pair(pair)  # torch -> normkit, strict
     x = data(pair[4])
     ours(x), theirs(x)
@@ -65,7 +67,7 @@ def test_reset_parameters_and_running_stats(pair):
 # --- math, modes, gradients -----------------------------------------------------------------------
 
 
-def test_train_then_eval_parity(pair):
+def test_train_then_eval_parity(pair, policy):
     ours, theirs = make_pair(pair)
     for step in range(3):
         x = data(pair[4], seed=step)
@@ -77,7 +79,7 @@ def test_train_then_eval_parity(pair):
     assert_state_equal(ours, theirs, **TIGHT)  # inference leaves the statistics
 
 
-def test_gradients(pair):
+def test_gradients(pair, policy):
     ours, theirs = make_pair(pair)
     x = data(pair[4])
     up = data(pair[4], seed=5)
@@ -92,7 +94,7 @@ def test_gradients(pair):
         assert not b.requires_grad and b.grad_fn is None, name
 
 
-def test_momentum_none_is_cumulative_average():
+def test_momentum_none_is_cumulative_average(policy):
     ours, theirs = nkt.BatchNorm1d(3, momentum=None, dtype=F64), nn.BatchNorm1d(3, momentum=None, dtype=F64)
     batches = [data((6, 3), seed=s) for s in range(4)]
     for x in batches:
@@ -103,7 +105,7 @@ def test_momentum_none_is_cumulative_average():
     assert_state_equal(ours, theirs, **TIGHT)
 
 
-def test_eval_without_running_stats_uses_batch_statistics():
+def test_eval_without_running_stats_uses_batch_statistics(policy):
     ours = nkt.BatchNorm2d(3, track_running_stats=False, affine=False, dtype=F64).eval()
     x = data((4, 3, 5, 6))
     mean = x.mean((0, 2, 3), keepdim=True)
@@ -148,14 +150,14 @@ ERRORS = [
 
 @pytest.mark.filterwarnings("ignore:input's size at dim")
 @pytest.mark.parametrize("name,args,kwargs,shape,training", ERRORS, ids=[f"{e[0]}-{e[2]}-{e[3]}-{e[4]}" for e in ERRORS])
-def test_errors_match_torch(name, args, kwargs, shape, training):
+def test_errors_match_torch(name, args, kwargs, shape, training, policy):
     x = torch.randn(shape)
     ours = getattr(nkt, name)(*args, **kwargs).train(training)
     theirs = getattr(nn, name)(*args, **kwargs).train(training)
     assert _error(lambda: ours(x)) == _error(lambda: theirs(x))
 
 
-def test_batch_of_one_message():
+def test_batch_of_one_message(policy):
     with pytest.raises(ValueError) as info:
         nkt.BatchNorm1d(3)(torch.randn(1, 3))
     assert str(info.value) == "Expected more than 1 value per channel when training, got input size torch.Size([1, 3])"
@@ -166,7 +168,7 @@ def test_construction_errors_match_torch():
     assert _error(lambda: nkt.GroupNorm(2, 5)) == _error(lambda: nn.GroupNorm(2, 5))
 
 
-def test_any_rank_batch_norm():
+def test_any_rank_batch_norm(policy):
     ours = nkt.BatchNorm(3, dtype=F64)
     theirs = nn.BatchNorm1d(3, dtype=F64)
     for shape in [(4, 3), (4, 3, 5)]:
@@ -212,7 +214,7 @@ def test_pre_0_4_instance_norm_checkpoint_error_like_torch():
 # --- instance norm quirks -------------------------------------------------------------------------
 
 
-def test_instance_norm_quirks():
+def test_instance_norm_quirks(policy):
     x = data((2, 3, 5, 6))
     ours = nkt.InstanceNorm2d(3, track_running_stats=True, dtype=F64)
     ours(x)
@@ -235,7 +237,7 @@ def test_instance_norm_quirks():
         nkt.InstanceNorm1d(3)(torch.randn(2, 4, 5))
 
 
-def test_lazy_modules_become_normkit_modules():
+def test_lazy_modules_become_normkit_modules(policy):
     for ours_cls, torch_cls, shape, target in [
         (nkt.LazyBatchNorm2d, nn.LazyBatchNorm2d, (4, 3, 5, 6), nkt.BatchNorm2d),
         (nkt.LazyBatchNorm1d, nn.LazyBatchNorm1d, (4, 3), nkt.BatchNorm1d),
@@ -254,7 +256,7 @@ def test_lazy_modules_become_normkit_modules():
 
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # torch's RMSNorm
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16], ids=str)
-def test_half_input_with_float32_module(pair, half):
+def test_half_input_with_float32_module(pair, half, policy):
     ours, theirs = make_pair(pair, dtype=torch.float32)
     x = data(pair[4], dtype=half)
     y_ours, y_theirs = ours(x), theirs(x)
@@ -263,12 +265,15 @@ def test_half_input_with_float32_module(pair, half):
     torch.testing.assert_close(y_ours, y_theirs, **tol)
     for name, b in ours.named_buffers():
         assert b.dtype == dict(theirs.named_buffers())[name].dtype
+    if policy == "auto":  # torch's kernel: torch.nn's own statistics
+        assert_state_equal(ours, theirs, rtol=0, atol=0)
+        return
     _, upcast = make_pair(pair, dtype=torch.float32)
-    upcast(x.float())  # statistics are reduced in float32: as torch's on the upcast input
+    upcast(x.float())  # the core reduces half input in float32: as torch's on the upcast input
     assert_state_equal(ours, upcast, rtol=1e-5, atol=1e-6)
 
 
-def test_rms_norm_eps_none_half_uses_float32_eps():
+def test_rms_norm_eps_none_half_uses_float32_eps(policy):
     x = torch.full((2, 4), 1e-4, dtype=torch.float16)  # mean(x**2) ~ 1e-8: eps matters
     ours, theirs = nkt.RMSNorm(4), nn.RMSNorm(4)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-3, atol=1e-3)
@@ -277,7 +282,7 @@ def test_rms_norm_eps_none_half_uses_float32_eps():
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_channels_last_kept(training):
+def test_channels_last_kept(training, policy):
     x = data((4, 3, 5, 6)).to(memory_format=torch.channels_last)
     for ours_cls, torch_cls, args in [(nkt.BatchNorm2d, nn.BatchNorm2d, (3,)), (nkt.GroupNorm, nn.GroupNorm, (3, 3)),
                                       (nkt.InstanceNorm2d, nn.InstanceNorm2d, (3,))]:
@@ -309,7 +314,7 @@ def test_deepcopy_pickle_save_load(pair):
         torch.testing.assert_close(again.eval()(x), ours(x), rtol=0, atol=0)
 
 
-def test_to_dtype(pair):
+def test_to_dtype(pair, policy):
     ours, theirs = make_pair(pair)
     ours, theirs = ours.to(torch.float32), theirs.to(torch.float32)
     assert_state_equal(ours, theirs, rtol=0, atol=0)
@@ -318,7 +323,7 @@ def test_to_dtype(pair):
     assert_state_equal(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
-def test_functional_call(pair):
+def test_functional_call(pair, policy):
     ours, theirs = make_pair(pair)
     x = data(pair[4])
     outs, states = [], []

@@ -1,4 +1,4 @@
-"""A small conv net trained with normkit modules follows its torch.nn twin step by step (float64)."""
+"""A small conv net trained with normkit modules follows its torch.nn twin step by step (float64), under both policies."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _train(model: nn.Module, batches) -> list[float]:
     return losses
 
 
-def test_sgd_loss_curve_follows_torch():
+def test_sgd_loss_curve_follows_torch(policy):
     torch.manual_seed(0)
     theirs = conv_net(nn)
     ours = conv_net(nkt)

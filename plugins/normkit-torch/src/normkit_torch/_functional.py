@@ -1,216 +1,301 @@
-"""The normkit core bound to torch: the namespace is resolved once, here, never per call.
+"""One dispatch function per op, shaped like ``torch.nn.functional``: torch's kernel, or the normkit core.
 
-Every module of this package computes through these functions. ``batch_norm_train`` is the one
-training-mode batch-norm entry point; a faster implementation (an analytic-backward
-``torch.autograd.Function``) can replace it without touching the modules.
+``batch_norm``, ``instance_norm``, ``layer_norm``, ``group_norm``, ``rms_norm`` take the arguments
+of their ``torch.nn.functional`` namesakes and keep their contract (``batch_norm`` and
+``instance_norm`` update the given running buffers in place). Under the kernel policy ``"auto"``
+(default) each calls the ``torch.nn.functional`` function of the kernel the plugin's table chose
+for (op, device type, dtype): torch's own on every device, so a module behaves as its torch.nn
+twin. Under ``"core"`` (``set_kernel_policy("core")`` / ``NORMKIT_TORCH_KERNELS=core``) each checks
+its arguments as torch does (same errors) and computes through the normkit core, exact at large
+data offsets where torch's float32 kernels are about 1e-3 off.
 
-Passing ``xp=`` to the core skips its namespace lookup, so ``torch.compile(fullgraph=True)``
-traces a forward without a graph break.
-
-Kernels. The batch-norm modules may compute through a fused kernel instead of the core: the one
-the ``normkit_kernel`` hook offers for ``(op, device, dtype, layout)`` (``resolve_kernel``), looked
-up once per module and configuration and kept on the module, never per call. ``layout_of(x)`` is
-the per-call key, cheap and free of graph breaks. The policy decides whether offered kernels are
-used at all:
-
-    NORMKIT_TORCH_KERNELS=core           # environment, read at import: always the generic core
-    normkit_torch.set_kernel_policy("core")   # the same at run time ("auto" gives kernels back)
-
-"core" is the reference path: every kernel is tested equal to it.
+The choice is looked up once per configuration (``kernel_for``: a dict read per call, no hook
+call); torch.compile traces either policy without a graph break (the policy is guarded).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
-
-from normkit.plugin.kernels import KERNEL_POLICIES, KernelPolicy
-
+import threading
+from typing import Any, Callable, Optional, Sequence, Union
 
 import normkit
 import torch
+import torch.nn.functional as F
 from array_api_compat import torch as xp
+from normkit.plugin import kernels
 from torch import Tensor
 
+from normkit_torch._plugin import POLICY
+
 __all__ = [
-    "xp",
-    "batch_norm_train",
-    "update_running_stats",
-    "batch_norm_eval",
+    "batch_norm",
     "instance_norm",
     "layer_norm",
     "group_norm",
     "rms_norm",
+    "set_kernel_policy",
+    "get_kernel_policy",
+    "kernel_for",
     "standardize",
     "min_max_scale",
     "is_compiling",
-    "KERNEL_POLICIES",
-    "set_kernel_policy",
-    "get_kernel_policy",
-    "kernels_enabled",
-    "layout_of",
-    "resolve_kernel",
-    "SMALL_NUMEL",
-    "LAYOUTS",
 ]
 
-_POLICY = KernelPolicy("NORMKIT_TORCH_KERNELS")
+_Shape = Union[int, Sequence[int], torch.Size]
+
+
+# ---------------------------------------------------------------- policy and kernel choice
 
 
 def set_kernel_policy(policy: str) -> str:
-    """Choose how the batch-norm modules compute; returns the previous policy.
+    """Choose how normkit_torch computes; returns the previous policy.
 
-    ``"auto"`` (default): the kernel the plugin hook offers for the input's device, dtype and
-    layout, where one is offered (the generic core otherwise). ``"core"``: always the generic
-    normkit core (the reference). Takes effect on the next forward call of every module; a
-    compiled graph recompiles (the policy is guarded). Initial value: ``NORMKIT_TORCH_KERNELS``.
+    ``"auto"`` (default): torch's own kernels (torch.nn's behaviour and speed, on every device).
+    ``"core"``: the generic normkit core (the reference; exact at large data offsets). Takes effect
+    on the next call; a compiled graph recompiles. Initial value: ``NORMKIT_TORCH_KERNELS``.
     """
-    return _POLICY.set(policy)
+    return POLICY.set(policy)
 
 
 def get_kernel_policy() -> str:
     """The current kernel policy, ``"auto"`` or ``"core"``."""
-    return _POLICY.value
+    return POLICY.get()
 
 
-def kernels_enabled() -> bool:
-    """True when the policy lets modules use plugin kernels."""
-    return _POLICY.value == "auto"
+def is_compiling() -> bool:
+    """True while torch.compile (Dynamo) traces: no hook calls and no value-dependent checks then."""
+    return _IS_COMPILING()
 
 
-# inputs with at most this many elements are "small": per-call overhead decides there, not bandwidth
-SMALL_NUMEL = 1 << 15
+def _is_compiling_fn() -> Callable[[], bool]:
+    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if fn is None:  # torch < 2.3
+        from torch._dynamo import is_compiling as fn
+    return fn
 
 
-def layout_of(x: Tensor) -> str:
-    """The layout key of a batch-norm input (channels on axis 1), cheap enough for every call.
+_IS_COMPILING = _is_compiling_fn()
 
-    "small" (at most SMALL_NUMEL elements), "dense" (rank 2), "channels_last" (rank 4/5 stored
-    channels innermost and not also plain contiguous), "contiguous" (rank >= 3, row-major) or
-    "strided" (anything else). Only shape, rank and stride checks: no graph break under
-    torch.compile (a shape-dependent answer is a guard).
+# (op, device type, dtype, kernels.generation()) -> torch.nn.functional function, or None (the core)
+_CHOSEN: dict[tuple, Optional[Callable[..., Any]]] = {}
+_CHOSEN_GENERATION = [-1]
+_LOCK = threading.Lock()
+_MISSING = object()
+_TORCH_FUNCTIONAL: dict[str, Optional[Callable[..., Any]]] = {
+    "batch_norm": F.batch_norm,
+    "instance_norm": F.instance_norm,
+    "layer_norm": F.layer_norm,
+    "group_norm": F.group_norm,
+    "rms_norm": getattr(F, "rms_norm", None),
+}
+
+
+def kernel_for(op: str, input: Tensor) -> Optional[Callable[..., Any]]:
+    """The ``torch.nn.functional`` function that computes ``op`` on ``input``, or None for the core.
+
+    None under the policy ``"core"``. Under ``"auto"``: the ``nn_functional`` of the kernel the
+    ``normkit_kernel`` hook offers for (op, device type, dtype), asked once per configuration and
+    policy generation. While torch.compile traces a configuration not yet seen eagerly, torch's
+    function (the table's answer on every device), never a hook call.
     """
-    if x.numel() <= SMALL_NUMEL:
-        return "small"
-    nd = x.dim()
-    if nd == 2:
-        return "dense"
-    if x.is_contiguous():
-        return "contiguous"
-    if nd == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return "channels_last"
-    if nd == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return "channels_last"
-    return "strided"
+    if not POLICY.enabled():
+        return None
+    key = (op, input.device.type, input.dtype, kernels.generation())
+    found = _CHOSEN.get(key, _MISSING)
+    if found is _MISSING:
+        if is_compiling():
+            return _TORCH_FUNCTIONAL[op]
+        found = _choose(op, input, key)
+    return found  # type: ignore[return-value]
 
 
-LAYOUTS = ("small", "dense", "contiguous", "channels_last", "strided")
+def _choose(op: str, input: Tensor, key: tuple) -> Optional[Callable[..., Any]]:
+    found = getattr(kernels.lookup(op, xp, input.device, input.dtype), "nn_functional", None)
+    with _LOCK:
+        if _CHOSEN_GENERATION[0] != key[3]:  # a policy change or a new plugin: forget older choices
+            _CHOSEN.clear()
+            _CHOSEN_GENERATION[0] = key[3]
+        _CHOSEN[key] = found
+    return found
 
 
-def resolve_kernel(op: str, device: torch.device, dtype: torch.dtype, layout: str) -> Any:
-    """The kernel the plugin hook offers for this configuration, or the core's function.
-
-    ``op`` is ``"batch_norm_train"`` or ``"batch_norm_eval"``. Asks ``normkit.plugin.manager.kernel``
-    (a pluggy call): call it once per configuration and keep the answer, never per forward call.
-    """
-    from normkit.plugin.manager import kernel
-
-    found = kernel(op, xp, device, dtype, layout)
-    if found is not None:
-        return found
-    return batch_norm_train if op == "batch_norm_train" else batch_norm_eval
+# ---------------------------------------------------------------- torch's checks (the core path's errors)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+def _verify_batch_size(size: Sequence[int]) -> None:
+    """torch's: statistics need more than one value per channel."""
+    count = size[0]
+    for d in size[2:]:
+        count = count * d
+    if count == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
 
 
-def batch_norm_train(
-    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, axis: int = 1
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Training-mode batch norm along feature axis ``axis``: ``(y, mean, var_biased)``.
-
-    ``y = (x - mean) / sqrt(var_biased + eps) * weight + bias`` in x's dtype; ``mean`` and
-    ``var_biased`` have shape ``(C,)``, float32 for half-precision x (else x's dtype), and carry
-    no autograd history. The caller folds them into its running statistics. This is the one
-    training-mode entry point of the batch-norm modules, with the signature of
-    ``normkit_torch._autograd.batch_norm_train`` so either can stand here.
-
-    Through the core: with zero "running" statistics, ``momentum=1`` and ``correction=0`` its
-    updated statistics are exactly the batch mean and biased variance.
-    """
-    c = x.shape[axis]
-    zeros = torch.zeros(c, dtype=_compute_dtype(x.dtype), device=x.device)
-    y, mean, var = normkit.batch_norm(
-        x, zeros, zeros, weight, bias, training=True, momentum=1.0, eps=eps, axis=axis, correction=0, xp=xp
-    )
-    return y, mean, var
+def _verify_spatial_size(size: torch.Size) -> None:
+    """torch's: instance statistics need more than one spatial element."""
+    count = 1
+    for d in size[2:]:
+        count = count * d
+    if count == 1:
+        raise ValueError(f"Expected more than 1 spatial element when training, got input size {size}")
 
 
-def update_running_stats(
-    running_mean: Tensor, running_var: Tensor, mean: Tensor, var_biased: Tensor, count: int, momentum: Any
-) -> None:
-    """torch's update, in place: ``r <- (1 - m) * r + m * batch`` with the unbiased batch variance.
-
-    ``lerp_`` is that update in one op per buffer (``r + m * (batch - r)``; at ``m = 1`` exactly the
-    batch value). ``mean`` and ``var_biased`` carry no autograd history (the kernels' contract), so
-    the buffers get none either.
-    """
-    unbiased = var_biased * (count / max(count - 1, 1))
-    if mean.dtype != running_mean.dtype:
-        mean = mean.to(running_mean.dtype)
-    if unbiased.dtype != running_var.dtype:
-        unbiased = unbiased.to(running_var.dtype)
-    running_mean.lerp_(mean, momentum)
-    running_var.lerp_(unbiased, momentum)
+def _check_features(channels: int, repeat: int, **tensors: Optional[Tensor]) -> None:
+    """aten's check: each per-channel tensor holds ``channels`` elements (instance norm: counts times the batch)."""
+    for name, t in tensors.items():
+        if t is not None and t.numel() != channels:
+            raise RuntimeError(f"{name} should contain {channels * repeat} elements not {t.numel() * repeat}")
 
 
-def batch_norm_eval(
-    x: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    eps: float,
-    axis: int = 1,
+def _check_trailing(input: Tensor, normalized_shape: tuple[int, ...], star: str) -> None:
+    """aten's message when the input's trailing dimensions are not ``normalized_shape``."""
+    n = len(normalized_shape)
+    if input.dim() < n or tuple(input.shape[input.dim() - n :]) != normalized_shape:
+        dims = ", ".join(str(d) for d in normalized_shape)
+        raise RuntimeError(
+            f"Given normalized_shape={list(normalized_shape)}, expected input with shape [{star}{dims}], "
+            f"but got input of size{list(input.shape)}"
+        )
+
+
+def _as_shape(normalized_shape: _Shape) -> tuple[int, ...]:
+    return (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+
+
+# ---------------------------------------------------------------- the dispatch functions
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: Union[float, Tensor] = 0.1,
+    eps: float = 1e-5,
 ) -> Tensor:
-    """Inference-mode batch norm with the running statistics: one fused scale and shift per channel."""
-    return normkit.batch_norm(
-        x, running_mean, running_var, weight, bias, training=False, eps=eps, axis=axis, xp=xp
-    ).output
+    """``F.batch_norm``: channels on axis 1; in training the running buffers are updated in place.
+
+    ``momentum`` may also be a 0-d tensor (the cumulative average ``1 / num_batches_tracked`` while
+    torch.compile traces, where a Python float of a buffer would break the graph): the core computes then.
+    """
+    fn = kernel_for("batch_norm", input)
+    if fn is not None and not isinstance(momentum, Tensor):
+        return fn(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if training:
+        _verify_batch_size(input.size())
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    _check_features(input.shape[1], 1, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    out = normkit.batch_norm(
+        input, running_mean, running_var, weight, bias, training=training, momentum=momentum, eps=eps, axis=1, xp=xp
+    )
+    if training and running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            running_mean.copy_(out.running_mean)
+            running_var.copy_(out.running_var)
+    return out.output
 
 
 def instance_norm(
-    x: Tensor,
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    use_input_stats: bool,
-    momentum: float,
-    eps: float,
-) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """Instance norm over the spatial axes of ``(N, C, *spatial)``; running stats come back new."""
-    return normkit.instance_norm(
-        x, running_mean, running_var, weight, bias,
+    input: Tensor,
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``F.instance_norm``: input ``(N, C, *spatial)``; with ``use_input_stats`` the running buffers get the
+    batch average of the per-instance mean and unbiased variance, in place. The output is contiguous."""
+    fn = kernel_for("instance_norm", input)
+    if fn is not None:
+        return fn(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+    if use_input_stats:
+        _verify_spatial_size(input.size())
+    _check_features(input.shape[1], input.shape[0], running_mean=running_mean, running_var=running_var,
+                    weight=weight, bias=bias)
+    output, new_mean, new_var = normkit.instance_norm(
+        input, running_mean, running_var, weight, bias,
         use_input_stats=use_input_stats, momentum=momentum, eps=eps, axis=1, xp=xp,
     )
+    if use_input_stats and running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+    return output.contiguous()
 
 
-def layer_norm(x: Tensor, ndim: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
-    """Layer norm over the last ``ndim`` axes."""
-    axes = tuple(range(x.ndim - ndim, x.ndim))
-    return normkit.layer_norm(x, weight, bias, axis=axes, eps=eps, xp=xp)
+def layer_norm(
+    input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``F.layer_norm``: normalize over the trailing ``normalized_shape`` dimensions."""
+    fn = kernel_for("layer_norm", input)
+    if fn is not None:
+        return fn(input, normalized_shape, weight, bias, eps)
+    shape = _as_shape(normalized_shape)
+    _check_trailing(input, shape, "*, ")
+    axes = tuple(range(input.dim() - len(shape), input.dim()))
+    return normkit.layer_norm(input, weight, bias, axis=axes, eps=eps, xp=xp)
 
 
-def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
-    """Group norm with channels on axis 1."""
-    return normkit.group_norm(x, num_groups, weight, bias, axis=1, eps=eps, xp=xp)
+def group_norm(
+    input: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5
+) -> Tensor:
+    """``F.group_norm``: input ``(N, C, *)``, channels split into ``num_groups`` consecutive groups."""
+    fn = kernel_for("group_norm", input)
+    if fn is not None:
+        return fn(input, num_groups, weight, bias, eps)
+    if input.dim() < 2:
+        raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
+    _verify_batch_size([input.size(0) * input.size(1) // num_groups, num_groups] + list(input.size()[2:]))
+    channels = input.shape[1]
+    if channels % num_groups != 0:
+        raise RuntimeError(
+            "Expected number of channels in input to be divisible by num_groups, but got input of shape "
+            f"{list(input.shape)} and num_groups={num_groups}"
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.dim() != 1 or t.numel() != channels):
+            raise RuntimeError(
+                f"Expected {name} to be a vector of size equal to the number of channels in input, "
+                f"but got {name} of shape {list(t.shape)} and input of shape {list(input.shape)}"
+            )
+    output = normkit.group_norm(input, num_groups, weight, bias, axis=1, eps=eps, xp=xp)
+    return _keep_channels_last(input, output)
 
 
-def rms_norm(x: Tensor, ndim: int, weight: Optional[Tensor], eps: Optional[float]) -> Tensor:
-    """RMS norm over the last ``ndim`` axes; ``eps=None`` is the machine epsilon of the compute dtype."""
-    axes = tuple(range(x.ndim - ndim, x.ndim))
-    return normkit.rms_norm(x, weight, axis=axes, eps=eps, xp=xp)
+def _keep_channels_last(input: Tensor, output: Tensor) -> Tensor:
+    """``output`` in ``input``'s channels-last memory format (torch's group norm keeps it)."""
+    if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
+        return output.contiguous(memory_format=torch.channels_last)
+    if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
+        return output.contiguous(memory_format=torch.channels_last_3d)
+    return output
+
+
+def rms_norm(
+    input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] = None, eps: Optional[float] = None
+) -> Tensor:
+    """``F.rms_norm``: ``x / sqrt(mean(x**2) + eps) * weight`` over the trailing dimensions; ``eps=None`` is
+    the machine epsilon of the compute dtype (float32's for half input)."""
+    fn = kernel_for("rms_norm", input)
+    if fn is not None:
+        return fn(input, normalized_shape, weight, eps)
+    shape = _as_shape(normalized_shape)
+    if input.dim() < len(shape):
+        raise ValueError(f"Input tensor must have at least {len(shape)} dimensions, but got {input.dim()}")
+    _check_trailing(input, shape, "*")
+    axes = tuple(range(input.dim() - len(shape), input.dim()))
+    return normkit.rms_norm(input, weight, axis=axes, eps=eps, xp=xp)
+
+
+# ---------------------------------------------------------------- the fitted scalers' math
 
 
 def standardize(x: Tensor, mean: Tensor, std: Tensor, axis: int) -> Tensor:
@@ -225,18 +310,3 @@ def min_max_scale(
     return normkit.min_max_scale(
         x, axis=axis, feature_range=feature_range, data_min=data_min, data_max=data_max, xp=xp
     )
-
-
-def _is_compiling_fn() -> Any:
-    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    if fn is None:  # torch < 2.3
-        from torch._dynamo import is_compiling as fn
-    return fn
-
-
-_IS_COMPILING = _is_compiling_fn()
-
-
-def is_compiling() -> bool:
-    """True while torch.compile (Dynamo) traces: value-dependent Python checks are skipped then."""
-    return bool(_IS_COMPILING())

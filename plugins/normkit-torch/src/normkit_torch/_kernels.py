@@ -1,101 +1,206 @@
-"""Batch-norm kernels the torch plugin may hand out through ``normkit_kernel`` (see ``_plugin``).
+"""torch's own kernels for the functional API: what ``normkit_kernel`` hands out for torch tensors.
 
-Every kernel keeps the contract of the ``normkit_torch._functional`` function it stands in for:
+Each function takes the normkit function's validated arguments (``normkit.batch_norm``,
+``layer_norm``, ``group_norm``, ``instance_norm``, ``rms_norm``) and returns its result computed by
+aten, or ``NotImplemented`` where the call falls outside aten's contract (a mask, a biased running
+variance, one value per feature allowed, a feature axis aten cannot take without a copy, per-feature
+tensors of another shape, dtype or device, a traced momentum...); the core computes then. They are
+pure like the core: running statistics come back as new tensors (aten updates clones in place).
 
-``batch_norm_train(x, weight, bias, eps, axis) -> (y, mean, var_biased)``
-    ``y`` in x's dtype and memory format; ``mean`` and ``var_biased`` of shape ``(C,)``, float32 for
-    half-precision x (else x's dtype), with no autograd history. A batch with one value per
-    channel raises ValueError("Expected more than 1 value per channel when training, ...").
-``batch_norm_eval(x, running_mean, running_var, weight, bias, eps, axis) -> y``
+aten forms ``x * scale + shift`` rather than ``(x - mean) * scale``: in float32 at a data offset of
+1e4 it is about 1e-3 off the float64 reference where the core is exact. Where aten is much worse
+than that in float32/half, the kernel declines: training batch norm with channels innermost (dense
+or channels_last; naive float32 sums, about one standard deviation off for 1e6 rows at mean 1e4) and
+channels_last group norm (one-pass variance: hundreds of standard deviations off at mean 1e4).
 
-The ones here are torch's own aten batch norm (``torch.nn.functional.batch_norm``, the kernel behind
-``torch.nn.BatchNorm*d``), wrapped to that contract; ``normkit_torch._autograd`` holds the
-hand-written ``torch.autograd.Function``. All are plain module-level functions, so a module that
-keeps one in an attribute still deep-copies and pickles.
+Each also names, as ``nn_functional``, the ``torch.nn.functional`` function over the same kernel:
+what the modules' dispatch (``normkit_torch.functional``) calls where this kernel is chosen.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
+from normkit import BatchNormResult
 from torch import Tensor
 
-__all__ = ["native_batch_norm_train", "native_batch_norm_eval", "function_or_native_batch_norm_train"]
+__all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"]
 
 _HALF = (torch.float16, torch.bfloat16)
+_REFUSED = object()  # a per-feature argument aten cannot take as given
 
 
-def native_batch_norm_train(
-    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, axis: int = 1
-) -> tuple[Tensor, Tensor, Tensor]:
-    """torch's training-mode batch norm, returning the batch statistics too.
+def _stats_dtype(x: Tensor) -> torch.dtype:
+    """The dtype aten (and the core) computes statistics in: float32 for half precision."""
+    return torch.float32 if x.dtype in _HALF else x.dtype
 
-    aten reports the batch statistics only through the running buffers it updates, so it gets two
-    fresh zero buffers and ``momentum=1``: afterwards they hold exactly the batch mean and the
-    unbiased batch variance (``1 * batch + 0 * 0``), from which the biased one is recovered.
-    Float32 buffers for half-precision x are aten's "mixed type" path, which also needs float32
-    weight and bias; half-precision parameters are widened for the call (gradients flow back in
-    their dtype through autograd).
+
+def _param(t: Any, shape: tuple, dtype: torch.dtype, x: Tensor) -> Any:
+    """``t`` as aten takes it (None, or a tensor of ``shape`` on x's device, converted to ``dtype``), else _REFUSED."""
+    if t is None:
+        return None
+    if not isinstance(t, Tensor) or tuple(t.shape) != shape or t.device != x.device or not t.is_floating_point():
+        return _REFUSED
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _stats(running_mean: Any, running_var: Any, c: int, dtype: torch.dtype, x: Tensor, update: bool) -> bool:
+    """True when the running statistics are both None, or both ``(c,)`` tensors aten can use as they are.
+
+    For an update they must already be in the statistics dtype (the result keeps theirs) and carry
+    no autograd history (aten updates them in place).
     """
-    f = axis % x.dim()
-    xm = x if f == 1 else x.movedim(f, 1)
-    c = xm.shape[1]
-    n = xm.numel() // c if c else 0
-    if n <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-    sdtype = torch.float32 if x.dtype in _HALF else x.dtype
-    mean, var = torch.zeros((2, c), dtype=sdtype, device=x.device).unbind(0)
-    if weight is not None and weight.dtype != sdtype:
-        weight = weight.to(sdtype)
-    if bias is not None and bias.dtype != sdtype:
-        bias = bias.to(sdtype)
-    # torch.batch_norm is what F.batch_norm calls after its Python checks (cudnn where it applies)
-    y = torch.batch_norm(xm, weight, bias, mean, var, True, 1.0, eps, torch.backends.cudnn.enabled)
-    var_biased = var * ((n - 1) / n)
-    if f != 1:
-        y = y.movedim(1, f)
-    return y, mean, var_biased
+    if running_mean is None and running_var is None:
+        return True
+    for t in (running_mean, running_var):
+        if not isinstance(t, Tensor) or _param(t, (c,), t.dtype, x) is _REFUSED:
+            return False
+        if update and (t.dtype != dtype or t.requires_grad):
+            return False
+    return True
 
 
-def native_batch_norm_eval(
-    x: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    eps: float,
-    axis: int = 1,
-) -> Tensor:
-    """torch's inference-mode batch norm with the given running statistics."""
-    f = axis % x.dim()
-    xm = x if f == 1 else x.movedim(f, 1)
-    if x.dtype in _HALF:
-        sdtype = torch.float32
-        running_mean, running_var = running_mean.to(sdtype), running_var.to(sdtype)
-        if weight is not None:
-            weight = weight.to(sdtype)
-        if bias is not None:
-            bias = bias.to(sdtype)
-    y = torch.batch_norm(xm, weight, bias, running_mean, running_var, False, 0.0, eps, torch.backends.cudnn.enabled)
-    return y if f == 1 else y.movedim(1, f)
+def _momentum(momentum: Any, num_batches: Any) -> Optional[float]:
+    """The update weight as a Python float (cumulative average: 1 / num_batches), or None when traced."""
+    if momentum is None:
+        if isinstance(num_batches, bool) or not isinstance(num_batches, (int, float)) or num_batches <= 0:
+            return None
+        return 1.0 / num_batches
+    return float(momentum) if isinstance(momentum, (int, float)) else None
 
 
-def function_or_native_batch_norm_train(
-    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, axis: int = 1
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``_autograd.batch_norm_train`` when autograd will not record the call, else ``native_batch_norm_train``.
+def _channels_last(x: Tensor) -> bool:
+    """x is stored channels innermost (4-d/5-d channels_last) rather than row-major."""
+    if x.dim() == 4:
+        return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    if x.dim() == 5:
+        return x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+    return False
 
-    On row-major (NCHW, NCL) input the hand-written forward is faster than aten's, but its forward
-    plus backward is slower: this picks per call on grad mode and ``requires_grad`` (both guarded
-    by torch.compile, no graph break), the way aten itself dispatches.
+
+def _trailing(axis: tuple[int, ...], ndim: int) -> bool:
+    k = len(axis)
+    return k > 0 and axis == tuple(range(ndim - k, ndim))
+
+
+def batch_norm(
+    x: Tensor, running_mean: Any, running_var: Any, weight: Any, bias: Any, *, training: bool, momentum: Any,
+    eps: float, axis: int, mask: Any = None, correction: float = 1, allow_single_value: bool = False,
+    num_batches: Any = None,
+) -> Any:
+    """``normkit.batch_norm`` by ``torch.batch_norm``; features on axis 1, or last of a 4-d/5-d input (channels_last)."""
+    ndim = x.dim()
+    if mask is not None or not (axis == 1 or (ndim in (4, 5) and axis == ndim - 1)):
+        return NotImplemented
+    c = x.shape[axis]
+    dtype = _stats_dtype(x)
+    w, b = _param(weight, (c,), dtype, x), _param(bias, (c,), dtype, x)
+    if w is _REFUSED or b is _REFUSED:
+        return NotImplemented
+    update = training and running_mean is not None
+    if not _stats(running_mean, running_var, c, dtype, x, update):
+        return NotImplemented
+    factor, stats = 0.0, (running_mean, running_var)
+    xm = x if axis == 1 else x.movedim(axis, 1)
+    if training:
+        if x.numel() // max(c, 1) <= 1:  # one value per feature: the core raises, or returns bias
+            return NotImplemented
+        if x.dtype != torch.float64 and xm.stride(1) == 1 and c > 1:
+            return NotImplemented  # channels innermost (dense, channels_last): aten sums naively in float32
+        if update:
+            factor = _momentum(momentum, num_batches)
+            if factor is None or correction != 1:
+                return NotImplemented
+            stats = (running_mean.clone(), running_var.clone())
+    elif dtype != running_mean.dtype:
+        stats = (running_mean.to(dtype), running_var.to(dtype))
+    y = torch.batch_norm(xm, w, b, stats[0], stats[1], training, factor, eps, torch.backends.cudnn.enabled)
+    if axis != 1:
+        y = y.movedim(1, axis)
+    if update:
+        return BatchNormResult(y, *stats)
+    return BatchNormResult(y, None, None) if training else BatchNormResult(y, running_mean, running_var)
+
+
+def layer_norm(x: Tensor, weight: Any, bias: Any, *, axis: tuple[int, ...], eps: float) -> Any:
+    """``normkit.layer_norm`` by ``torch.layer_norm`` when the normalized axes are the trailing ones."""
+    if not _trailing(axis, x.dim()) or x.numel() == 0:
+        return NotImplemented
+    shape = tuple(x.shape[axis[0]:])
+    dtype = _stats_dtype(x)
+    w, b = _param(weight, shape, dtype, x), _param(bias, shape, dtype, x)
+    if w is _REFUSED or b is _REFUSED:
+        return NotImplemented
+    return torch.layer_norm(x, shape, w, b, eps, torch.backends.cudnn.enabled)
+
+
+def group_norm(x: Tensor, num_groups: int, weight: Any, bias: Any, *, axis: int, eps: float) -> Any:
+    """``normkit.group_norm`` by ``torch.group_norm``; channels on axis 1 or last (moved to 1, no copy)."""
+    if axis not in (1, x.dim() - 1) or x.numel() == 0:
+        return NotImplemented
+    c = x.shape[axis]
+    dtype = _stats_dtype(x)
+    w, b = _param(weight, (c,), dtype, x), _param(bias, (c,), dtype, x)
+    if w is _REFUSED or b is _REFUSED:
+        return NotImplemented
+    xm = x if axis == 1 else x.movedim(axis, 1)
+    if x.dtype != torch.float64 and _channels_last(xm):
+        return NotImplemented  # aten's channels-last group norm: one-pass variance, no digits left at mean 1e4
+    y = torch.group_norm(xm, num_groups, w, b, eps, torch.backends.cudnn.enabled)
+    return y if axis == 1 else y.movedim(1, axis)
+
+
+def instance_norm(
+    x: Tensor, running_mean: Any, running_var: Any, weight: Any, bias: Any, *, use_input_stats: bool,
+    momentum: Any, eps: float, axis: int,
+) -> Any:
+    """``normkit.instance_norm`` by ``torch.instance_norm``, channels on axis 1."""
+    if axis != 1 or x.numel() == 0:
+        return NotImplemented
+    c = x.shape[1]
+    dtype = _stats_dtype(x)
+    w, b = _param(weight, (c,), dtype, x), _param(bias, (c,), dtype, x)
+    if w is _REFUSED or b is _REFUSED:
+        return NotImplemented
+    update = use_input_stats and running_mean is not None
+    if not _stats(running_mean, running_var, c, dtype, x, update):
+        return NotImplemented
+    factor = 0.0
+    stats = (running_mean, running_var)
+    if update:
+        factor = _momentum(momentum, None)
+        if factor is None:
+            return NotImplemented
+        stats = (running_mean.clone(), running_var.clone())
+    elif not use_input_stats and dtype != running_mean.dtype:
+        stats = (running_mean.to(dtype), running_var.to(dtype))
+    y = torch.instance_norm(x, w, b, stats[0], stats[1], use_input_stats, factor, eps, torch.backends.cudnn.enabled)
+    if update:
+        return BatchNormResult(y, *stats)
+    return BatchNormResult(y, None, None) if use_input_stats else BatchNormResult(y, running_mean, running_var)
+
+
+_RMS_NORM = getattr(torch, "rms_norm", None)  # torch >= 2.4
+
+
+def rms_norm(x: Tensor, weight: Any, *, axis: tuple[int, ...], eps: float) -> Any:
+    """``normkit.rms_norm`` by ``torch.rms_norm`` when the normalized axes are the trailing ones.
+
+    The weight is given in x's dtype (aten's fused path; torch.nn.RMSNorm's in half precision).
     """
-    if torch.is_grad_enabled() and (
-        x.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad)
-    ):
-        return native_batch_norm_train(x, weight, bias, eps, axis)
-    from normkit_torch._autograd import batch_norm_train
+    if _RMS_NORM is None or not _trailing(axis, x.dim()) or x.numel() == 0:
+        return NotImplemented
+    shape = tuple(x.shape[axis[0]:])
+    w = _param(weight, shape, x.dtype, x)
+    if w is _REFUSED:
+        return NotImplemented
+    return _RMS_NORM(x, shape, w, eps)
 
-    return batch_norm_train(x, weight, bias, eps, axis)
+
+batch_norm.nn_functional = F.batch_norm  # type: ignore[attr-defined]
+layer_norm.nn_functional = F.layer_norm  # type: ignore[attr-defined]
+group_norm.nn_functional = F.group_norm  # type: ignore[attr-defined]
+instance_norm.nn_functional = F.instance_norm  # type: ignore[attr-defined]
+rms_norm.nn_functional = getattr(F, "rms_norm", None)  # type: ignore[attr-defined]
