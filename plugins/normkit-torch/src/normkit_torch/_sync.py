@@ -63,7 +63,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dtype, shape = mean.dtype, _channel_shape(input)
         if input.numel() > 0:
             dy = grad_output.to(dtype)
-            xhat = (input.to(dtype) - mean.reshape(shape)) * invstd.reshape(shape)
+            xhat = (input.to(dtype) - mean.reshape(shape)) * invstd.reshape(shape)  # centred first
             axes = [0] + list(range(2, input.ndim))
             sum_dy, sum_dy_xhat = dy.sum(axes), (dy * xhat).sum(axes)
         else:  # an empty rank: zeros in the collective, zero parameter gradients (DDP's hooks still fire)
@@ -73,11 +73,12 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             total_dy, total_dy_xhat = sum_dy, sum_dy_xhat
             if ctx.synchronize:
                 total_dy, total_dy_xhat = all_reduce_sums(sum_dy, sum_dy_xhat, process_group=ctx.process_group)
-            if input.numel() > 0:
-                n = count.reshape(shape)
+            if input.numel() > 0:  # dy * scale - scale * SUM(dy) / n - xhat * scale * SUM(dy * xhat) / n
                 scale = invstd if weight is None else weight.to(dtype) * invstd
-                centred = dy - total_dy.reshape(shape) / n - xhat * (total_dy_xhat.reshape(shape) / n)
-                grad_input = (centred * scale.reshape(shape)).to(input.dtype)
+                shift = -scale * total_dy / count
+                slope = -scale * total_dy_xhat / count
+                grad_input = torch.addcmul(shift.reshape(shape), dy, scale.reshape(shape))
+                grad_input = grad_input.addcmul_(xhat, slope.reshape(shape)).to(input.dtype)
             else:
                 grad_input = torch.zeros_like(input)
         grad_weight = sum_dy_xhat.to(weight.dtype) if need_weight and weight is not None else None
