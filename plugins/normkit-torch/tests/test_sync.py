@@ -338,3 +338,22 @@ def test_convert_sync_batchnorm_from_torch_and_normkit_modules():
     assert list(net[0].state_dict()) == list(torch_version.state_dict())
     root = nkt.SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm2d(3))  # a root is returned, not swapped
     assert type(root) is nkt.SyncBatchNorm
+
+
+def test_merge_rows_of_any_world_size_equals_the_whole_data():
+    """The pairwise tree over 1, 2, 3 and 5 ranks (odd counts pad with the merge's identity), empty ranks
+    included, equals the statistics of the concatenated data; uninitialized, all_gather_moments is that
+    merge of one row (per-feature count)."""
+    from normkit_torch.distributed import _pack, all_gather_moments, local_moments, merge_rows
+
+    x = sw.batch((4, 0, 7, 1, 3), (), seed=400)  # (15, C)
+    splits = torch.split(x, [4, 0, 7, 1, 3])
+    for world in (1, 2, 3, 5):
+        parts = list(splits[:world - 1]) + [torch.cat(splits[world - 1:])]
+        merged = merge_rows(torch.stack([_pack(local_moments(p)) for p in parts]))
+        assert merged.count.tolist() == [15.0] * sw.C
+        torch.testing.assert_close(merged.mean, x.mean(0), **TIGHT)
+        torch.testing.assert_close(merged.m2, x.var(0, unbiased=False) * 15, **TIGHT)
+    alone = all_gather_moments(local_moments(x))
+    assert alone.count.tolist() == [15.0] * sw.C and alone.mean.dtype == F64
+    torch.testing.assert_close(alone.mean, x.mean(0), **TIGHT)
