@@ -1,7 +1,10 @@
 """normkit_torch's conformance harness: each normkit module against its torch.nn twin and the float64 reference.
 
-The shared suite (``normkit.testing.conformance.CHECKS``) runs over ``TorchHarness().cases()``;
-everything crossing this harness's edges is a NumPy array, named as torch's state_dict names it.
+The shared suite (``normkit.testing.conformance.CHECKS``) runs over ``TorchHarness().cases()`` under
+both kernel policies (torch's kernels, the normkit core); everything crossing this harness's edges is
+a NumPy array, named as torch's state_dict names it. Every case has random weight, bias and running
+statistics (at the data's offset: float32 cases at 1e4 test inference centring) and float64
+reference gradients.
 """
 
 from __future__ import annotations
@@ -24,23 +27,28 @@ State = dict[str, np.ndarray]
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
-def _randomize_affine(module: nn.Module) -> nn.Module:
-    """Deterministic non-trivial weight and bias (the same on both twins), so affine bugs cannot hide."""
+def _randomize(module: nn.Module, offset: float) -> nn.Module:
+    """Deterministic non-trivial state, the same on both twins, so affine or statistics bugs cannot hide:
+    weight 1 + 0.5 N(0, 1), bias 0.5 N(0, 1), running statistics near the data's (mean offset + 0.5,
+    variance 4: the generated input is offset + 0.5 + 2 N(0, 1)), so inference at a large offset
+    centres on statistics at that offset."""
     gen = torch.Generator().manual_seed(1234)
     with torch.no_grad():
-        for name in ("weight", "bias"):
-            p = getattr(module, name, None)
-            if p is not None:
-                noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
-                p.copy_((1.0 if name == "weight" else 0.0) + 0.5 * noise)
+        for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", offset + 0.5), ("running_var", 4.0)):
+            t = getattr(module, name, None)
+            if t is None:
+                continue
+            noise = torch.randn(t.shape, generator=gen, dtype=torch.float64)
+            if name == "running_var":
+                noise = noise.abs()
+            t.copy_((value + 0.5 * noise).to(t.dtype))
     return module
 
 
-def _pair(ours: type, native: type, args: tuple, kwargs: dict, dtype: str, randomize: bool) -> tuple[Callable, Callable]:
+def _pair(ours: type, native: type, args: tuple, kwargs: dict, dtype: str, offset: float) -> tuple[Callable, Callable]:
     def build(cls: type) -> Callable[[], nn.Module]:
         def make() -> nn.Module:
-            m = cls(*args, **kwargs, dtype=_DTYPES[dtype])
-            return _randomize_affine(m) if randomize else m
+            return _randomize(cls(*args, **kwargs, dtype=_DTYPES[dtype]), offset)
 
         return make
 
@@ -129,36 +137,47 @@ def _rms_norm_reference(ndim: int, eps: Optional[float], dtype: str) -> Callable
 _BN = {1: (nkt.BatchNorm1d, nn.BatchNorm1d), 2: (nkt.BatchNorm2d, nn.BatchNorm2d), 3: (nkt.BatchNorm3d, nn.BatchNorm3d)}
 _IN = {1: (nkt.InstanceNorm1d, nn.InstanceNorm1d), 2: (nkt.InstanceNorm2d, nn.InstanceNorm2d)}
 
-# (rank, input shape, options, dtype, data_offset, randomized weights)
-_BN_CASES: list[tuple[int, tuple[int, ...], dict, str, float, bool]] = [
-    (1, (8, 5), {}, "float64", 0.0, True),
-    (1, (8, 5), {"affine": False}, "float64", 0.0, False),
-    (1, (8, 5), {"bias": False}, "float64", 0.0, True),
-    (1, (8, 5), {"track_running_stats": False}, "float64", 0.0, True),
-    (1, (8, 5), {"momentum": None}, "float64", 0.0, False),
-    (1, (8, 5, 7), {}, "float64", 0.0, True),
-    (1, (8, 5, 7), {"momentum": None, "affine": False}, "float64", 0.0, False),
-    (2, (4, 3, 5, 6), {}, "float64", 0.0, False),
-    (2, (4, 3, 5, 6), {"eps": 1e-3, "momentum": 0.3}, "float64", 0.0, True),
-    (2, (4, 3, 5, 6), {"affine": False}, "float64", 0.0, False),
-    (2, (4, 3, 5, 6), {"bias": False}, "float64", 0.0, True),
-    (2, (4, 3, 5, 6), {"track_running_stats": False}, "float64", 0.0, True),
-    (2, (4, 3, 5, 6), {"momentum": None}, "float64", 0.0, True),
-    (2, (4, 3, 5, 6), {}, "float32", 0.0, True),
-    (2, (4, 3, 5, 6), {}, "float32", 1e4, False),
-    (3, (2, 3, 4, 5, 6), {}, "float64", 0.0, True),
-    (3, (2, 3, 4, 5, 6), {"track_running_stats": False, "affine": False}, "float64", 0.0, False),
+# (rank, input shape, options, dtype, data_offset); weight, bias and running statistics are random in all
+_BN_CASES: list[tuple[int, tuple[int, ...], dict, str, float]] = [
+    (1, (8, 5), {}, "float64", 0.0),
+    (1, (8, 5), {"affine": False}, "float64", 0.0),
+    (1, (8, 5), {"bias": False}, "float64", 0.0),
+    (1, (8, 5), {"track_running_stats": False}, "float64", 0.0),
+    (1, (8, 5), {"momentum": None}, "float64", 0.0),
+    (1, (8, 5, 7), {}, "float64", 0.0),
+    (1, (8, 5, 7), {"momentum": None, "affine": False}, "float64", 0.0),
+    (1, (64, 5), {}, "float32", 1e4),
+    (2, (4, 3, 5, 6), {}, "float64", 0.0),
+    (2, (4, 3, 5, 6), {"eps": 1e-3, "momentum": 0.3}, "float64", 0.0),
+    (2, (4, 3, 5, 6), {"affine": False}, "float64", 0.0),
+    (2, (4, 3, 5, 6), {"bias": False}, "float64", 0.0),
+    (2, (4, 3, 5, 6), {"track_running_stats": False}, "float64", 0.0),
+    (2, (4, 3, 5, 6), {"momentum": None}, "float64", 0.0),
+    (2, (4, 3, 5, 6), {}, "float32", 0.0),
+    (2, (4, 3, 5, 6), {}, "float32", 1e4),
+    (3, (2, 3, 4, 5, 6), {}, "float64", 0.0),
+    (3, (2, 3, 4, 5, 6), {"track_running_stats": False, "affine": False}, "float64", 0.0),
 ]
 
-# (rank, input shape, options, randomized weights)
-_IN_CASES: list[tuple[int, tuple[int, ...], dict, bool]] = [
-    (1, (4, 3, 7), {}, False),
-    (1, (4, 3, 7), {"affine": True, "track_running_stats": True}, True),
-    (2, (2, 3, 5, 6), {}, False),
-    (2, (2, 3, 5, 6), {"affine": True}, True),
-    (2, (2, 3, 5, 6), {"track_running_stats": True}, False),
-    (2, (2, 3, 5, 6), {"affine": True, "track_running_stats": True, "momentum": None}, True),
+# (rank, input shape, options, dtype, data_offset)
+_IN_CASES: list[tuple[int, tuple[int, ...], dict, str, float]] = [
+    (1, (4, 3, 7), {}, "float64", 0.0),
+    (1, (4, 3, 7), {"affine": True, "track_running_stats": True}, "float64", 0.0),
+    (2, (2, 3, 5, 6), {}, "float64", 0.0),
+    (2, (2, 3, 5, 6), {"affine": True}, "float64", 0.0),
+    (2, (2, 3, 5, 6), {"track_running_stats": True}, "float64", 0.0),
+    (2, (2, 3, 5, 6), {"affine": True, "track_running_stats": True, "momentum": None}, "float64", 0.0),
+    (2, (2, 3, 5, 6), {"affine": True, "track_running_stats": True}, "float32", 1e4),
 ]
+
+
+def _named_grads(dx: np.ndarray, dw: np.ndarray, db: Optional[np.ndarray], weight: bool, bias: bool) -> tuple:
+    grads = {}
+    if weight:
+        grads["weight"] = dw
+    if bias and db is not None:
+        grads["bias"] = db
+    return dx, grads
 
 
 def _batch_norm_reference_gradients(eps: float, affine: bool, bias: bool) -> Callable:
@@ -166,29 +185,59 @@ def _batch_norm_reference_gradients(eps: float, affine: bool, bias: bool) -> Cal
 
     def ref(x: np.ndarray, upstream: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
         dx, dw, db = reference.batch_norm_grad(x, upstream, state.get("weight") if affine else None, axis=1, eps=eps)
-        grads = {}
-        if affine:
-            grads["weight"] = dw
-            if bias:
-                grads["bias"] = db
-        return dx, grads
+        return _named_grads(dx, dw, db, affine, affine and bias)
 
     return ref
 
 
+def _group_norm_reference_gradients(groups: Optional[int], eps: float, affine: bool, bias: bool) -> Callable:
+    """Float64 gradients of group norm (``groups`` None: one channel a group, instance norm in training)."""
+
+    def ref(x: np.ndarray, upstream: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
+        g = x.shape[1] if groups is None else groups
+        dx, dw, db = reference.group_norm_grad(x, upstream, g, state.get("weight") if affine else None, axis=1, eps=eps)
+        return _named_grads(dx, dw, db, affine, affine and bias)
+
+    return ref
+
+
+def _layer_norm_reference_gradients(ndim: int, eps: float, affine: bool, bias: bool) -> Callable:
+    def ref(x: np.ndarray, upstream: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
+        axes = tuple(range(-ndim, 0))
+        dx, dw, db = reference.layer_norm_grad(x, upstream, state.get("weight") if affine else None, axis=axes, eps=eps)
+        return _named_grads(dx, dw, db, affine, affine and bias)
+
+    return ref
+
+
+def _rms_norm_reference_gradients(ndim: int, eps: Optional[float], dtype: str, affine: bool) -> Callable:
+    eps_value = float(np.finfo(dtype).eps) if eps is None else eps
+
+    def ref(x: np.ndarray, upstream: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
+        axes = tuple(range(-ndim, 0))
+        dx, dw = reference.rms_norm_grad(x, upstream, state.get("weight") if affine else None, axis=axes, eps=eps_value)
+        return _named_grads(dx, dw, None, affine, False)
+
+    return ref
+
+
+def _case_id(cls: type, args: tuple, shape: tuple, opts: dict, dtype: str, offset: float) -> str:
+    arg_id = "-".join(str(a) for a in args)
+    suffix = f"-offset={offset:g}" if offset else ""
+    return f"{cls.__name__}-{arg_id}-{'x'.join(map(str, shape))}-{_kwargs_id(opts)}-{dtype}{suffix}"
+
+
 def _bn_cases() -> list[LayerCase]:
     cases = []
-    for rank, shape, opts, dtype, offset, randomize in _BN_CASES:
+    for rank, shape, opts, dtype, offset in _BN_CASES:
         ours, native = _BN[rank]
-        make_ours, make_native = _pair(ours, native, (shape[1],), opts, dtype, randomize)
+        make_ours, make_native = _pair(ours, native, (shape[1],), opts, dtype, offset)
         eps = opts.get("eps", 1e-5)
-        momentum = opts.get("momentum", 0.1)
-        track = opts.get("track_running_stats", True)
-        suffix = f"-offset={offset:g}" if offset else ""
         cases.append(LayerCase(
-            id=f"{ours.__name__}-{'x'.join(map(str, shape))}-{_kwargs_id(opts)}-{dtype}{suffix}",
+            id=_case_id(ours, (shape[1],), shape, opts, dtype, offset),
             make_normkit=make_ours, make_native=make_native, input_shape=shape,
-            reference=_batch_norm_reference(momentum, eps, track), dtype=dtype, data_offset=offset,
+            reference=_batch_norm_reference(opts.get("momentum", 0.1), eps, opts.get("track_running_stats", True)),
+            dtype=dtype, data_offset=offset,
             reference_gradients=_batch_norm_reference_gradients(eps, opts.get("affine", True), opts.get("bias", True)),
         ))
     return cases
@@ -196,38 +245,50 @@ def _bn_cases() -> list[LayerCase]:
 
 def _in_cases() -> list[LayerCase]:
     cases = []
-    for rank, shape, opts, randomize in _IN_CASES:
+    for rank, shape, opts, dtype, offset in _IN_CASES:
         ours, native = _IN[rank]
-        make_ours, make_native = _pair(ours, native, (shape[1],), opts, "float64", randomize)
+        make_ours, make_native = _pair(ours, native, (shape[1],), opts, dtype, offset)
         cases.append(LayerCase(
-            id=f"{ours.__name__}-{'x'.join(map(str, shape))}-{_kwargs_id(opts)}-float64",
+            id=_case_id(ours, (shape[1],), shape, opts, dtype, offset),
             make_normkit=make_ours, make_native=make_native, input_shape=shape,
             reference=_instance_norm_reference(opts.get("momentum", 0.1), 1e-5, opts.get("track_running_stats", False)),
+            dtype=dtype, data_offset=offset,
+            reference_gradients=_group_norm_reference_gradients(None, 1e-5, opts.get("affine", False),
+                                                                opts.get("bias", True)),
         ))
     return cases
 
 
 def _family_cases() -> list[LayerCase]:
+    """LayerNorm, GroupNorm, RMSNorm: (classes, args, options, input shape, dtype, offset, reference, gradients)."""
+    specs: list[tuple] = []
+    for opts, shape, dtype, offset in (({}, (4, 5, 6), "float64", 0.0), ({"bias": False}, (4, 5, 6), "float64", 0.0),
+                                       ({"elementwise_affine": False}, (4, 5, 6), "float32", 0.0),
+                                       ({}, (4, 5, 6), "float32", 1e4)):
+        affine = opts.get("elementwise_affine", True)
+        specs.append((nkt.LayerNorm, nn.LayerNorm, ((6,),), opts, shape, dtype, offset, _layer_norm_reference(1, 1e-5),
+                      _layer_norm_reference_gradients(1, 1e-5, affine, opts.get("bias", True))))
+    specs.append((nkt.LayerNorm, nn.LayerNorm, ((5, 6),), {"eps": 1e-3}, (4, 5, 6), "float64", 0.0,
+                  _layer_norm_reference(2, 1e-3), _layer_norm_reference_gradients(2, 1e-3, True, True)))
+    for args, opts, shape, dtype, offset in (((3, 6), {}, (4, 6, 5), "float64", 0.0),
+                                             ((2, 6), {"affine": False}, (2, 6, 4, 5), "float64", 0.0),
+                                             ((3, 6), {}, (4, 6, 5), "float32", 1e4)):
+        affine = opts.get("affine", True)
+        specs.append((nkt.GroupNorm, nn.GroupNorm, args, opts, shape, dtype, offset, _group_norm_reference(args[0], 1e-5),
+                      _group_norm_reference_gradients(args[0], 1e-5, affine, True)))
+    for args, opts, shape, dtype, offset in ((((6,),), {}, (4, 5, 6), "float64", 0.0),
+                                             (((5, 6),), {"eps": 1e-6, "elementwise_affine": False}, (4, 5, 6),
+                                              "float64", 0.0),
+                                             (((6,),), {}, (4, 5, 6), "float32", 1e4)):
+        ndim, eps = len(args[0]), opts.get("eps")
+        specs.append((nkt.RMSNorm, nn.RMSNorm, args, opts, shape, dtype, offset, _rms_norm_reference(ndim, eps, dtype),
+                      _rms_norm_reference_gradients(ndim, eps, dtype, opts.get("elementwise_affine", True))))
     cases = []
-    specs: list[tuple[type, type, tuple, dict, tuple, str, Callable]] = [
-        (nkt.LayerNorm, nn.LayerNorm, ((6,),), {}, (4, 5, 6), "float64", _layer_norm_reference(1, 1e-5)),
-        (nkt.LayerNorm, nn.LayerNorm, ((5, 6),), {"eps": 1e-3}, (4, 5, 6), "float64", _layer_norm_reference(2, 1e-3)),
-        (nkt.LayerNorm, nn.LayerNorm, ((6,),), {"bias": False}, (4, 5, 6), "float64", _layer_norm_reference(1, 1e-5)),
-        (nkt.LayerNorm, nn.LayerNorm, ((6,),), {"elementwise_affine": False}, (4, 5, 6), "float32",
-         _layer_norm_reference(1, 1e-5)),
-        (nkt.GroupNorm, nn.GroupNorm, (3, 6), {}, (4, 6, 5), "float64", _group_norm_reference(3, 1e-5)),
-        (nkt.GroupNorm, nn.GroupNorm, (2, 6), {"affine": False}, (2, 6, 4, 5), "float64", _group_norm_reference(2, 1e-5)),
-        (nkt.RMSNorm, nn.RMSNorm, ((6,),), {}, (4, 5, 6), "float64", _rms_norm_reference(1, None, "float64")),
-        (nkt.RMSNorm, nn.RMSNorm, ((5, 6),), {"eps": 1e-6, "elementwise_affine": False}, (4, 5, 6), "float64",
-         _rms_norm_reference(2, 1e-6, "float64")),
-    ]
-    for ours, native, args, opts, shape, dtype, ref in specs:
-        randomize = bool(opts.get("affine", opts.get("elementwise_affine", True)))
-        make_ours, make_native = _pair(ours, native, args, opts, dtype, randomize)
-        arg_id = "-".join(str(a) for a in args)
+    for ours, native, args, opts, shape, dtype, offset, ref, ref_grads in specs:
+        make_ours, make_native = _pair(ours, native, args, opts, dtype, offset)
         cases.append(LayerCase(
-            id=f"{ours.__name__}-{arg_id}-{'x'.join(map(str, shape))}-{_kwargs_id(opts)}-{dtype}",
-            make_normkit=make_ours, make_native=make_native, input_shape=shape, reference=ref, dtype=dtype,
+            id=_case_id(ours, args, shape, opts, dtype, offset), make_normkit=make_ours, make_native=make_native,
+            input_shape=shape, reference=ref, dtype=dtype, data_offset=offset, reference_gradients=ref_grads,
         ))
     return cases
 
