@@ -77,136 +77,7 @@ def ratio(res: dict, num: str, den: str) -> float:
     return statistics.median(a / b for a, b in zip(res[num][1], res[den][1]))
 
 
-# ---------------------------------------------------------------- torch
-
-
-IMPL_NAMES = {
-    "function": "_autograd Function",
-    "plugin": "normkit_torch module",
-    "plugin_core": "normkit_torch module, core policy",
-}
-
-
-def part_torch(rounds: int) -> list[dict]:
-    import torch
-
-    torch.set_num_threads(1)
-    sys.path.insert(0, str(HERE.parent / "plugins" / "normkit-torch" / "src"))
-    from normkit_torch._autograd import batch_norm_eval, batch_norm_train
-
-    try:
-        import normkit_torch
-        from normkit_torch import _functional
-
-        plugin_cls = {2: normkit_torch.BatchNorm1d, 4: normkit_torch.BatchNorm2d}
-        normkit_torch.set_kernel_policy("auto")
-    except Exception:  # noqa: BLE001 - the plugin is optional here
-        plugin_cls = None
-
-    def core_only(m):
-        """The module with every kernel slot holding the generic core (the policy "core", for this module only)."""
-        core = {"batch_norm_train": _functional.batch_norm_train, "batch_norm_eval": _functional.batch_norm_eval}
-        m._normkit_kernels = {k: core[k[0]] for k in m._normkit_kernels}
-        return m
-
-    class FunctionBN(torch.nn.Module):
-        """torch.nn.BatchNorm*d's forward through _autograd.batch_norm_train / batch_norm_eval (stand-in module)."""
-
-        def __init__(self, c):
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.ones(c))
-            self.bias = torch.nn.Parameter(torch.zeros(c))
-            self.register_buffer("running_mean", torch.zeros(c))
-            self.register_buffer("running_var", torch.ones(c))
-            self.register_buffer("num_batches_tracked", torch.tensor(0))
-            self.momentum, self.eps = 0.1, 1e-5
-
-        def forward(self, x):
-            if not self.training:
-                return batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps, 1)
-            y, mean, var = batch_norm_train(x, self.weight, self.bias, self.eps, 1)
-            n = x.numel() // x.shape[1]
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_var.lerp_(var * (n / (n - 1)), self.momentum)
-            return y
-
-    def saved_bytes(fn):
-        """Bytes autograd keeps between forward and backward (saved_tensors_hooks, one count per storage)."""
-        seen = {}
-
-        def pack(t):
-            st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = fn()
-        del out
-        return sum(seen.values())
-
-    rows = []
-    for name, shape, cl in TORCH_SHAPES:
-        torch.manual_seed(0)
-        c = shape[1]
-        x = torch.randn(shape) * 2 + 1
-        if cl:
-            x = x.contiguous(memory_format=torch.channels_last)
-        dy = torch.randn_like(x)
-        native_cls = torch.nn.BatchNorm2d if len(shape) == 4 else torch.nn.BatchNorm1d
-        mods = {"native": native_cls(c), "function": FunctionBN(c)}
-        if plugin_cls is not None:
-            mods["plugin"] = plugin_cls[len(shape)](c)
-            mods["plugin_core"] = core_only(plugin_cls[len(shape)](c))
-        xg = x.detach().clone().requires_grad_(True)
-
-        def fwd(m):
-            def f():
-                with torch.no_grad():
-                    m(x)
-            return f
-
-        def fwdbwd(m):
-            params = [m.weight, m.bias]
-
-            def f():
-                y = m(xg)
-                torch.autograd.grad(y, [xg, *params], dy)
-            return f
-
-        fns = {"sum": lambda: x.sum(), "copy": lambda: x.clone()}
-        for k, m in mods.items():
-            m.train()
-            fns[f"{k}/fwd"] = fwd(m)
-        train = interleaved(fns, rounds)
-        for m in mods.values():
-            m.eval()
-        evals = interleaved({f"{k}/eval": fwd(m) for k, m in mods.items()}, rounds)
-        for m in mods.values():
-            m.train()
-        fb = interleaved({f"{k}/fb": fwdbwd(m) for k, m in mods.items()}, rounds)
-        res = {**train, **evals, **fb}
-        kernel_names = {}
-        if "plugin" in mods:
-            m = mods["plugin"]
-            kernel_names["plugin"] = " / ".join(
-                m._normkit_kernel(op, x).__name__ for op in ("batch_norm_train", "batch_norm_eval"))
-        floor = train["sum"][0] + train["copy"][0]
-        mem = {k: saved_bytes(lambda m=m: m(xg)) for k, m in mods.items()}
-        for k in mods:
-            if k == "native":
-                continue
-            rows.append(dict(
-                part="torch", config=name, impl=IMPL_NAMES[k], kernel=kernel_names.get(k, ""),
-                fwd=ratio(res, f"{k}/fwd", "native/fwd"), eval=ratio(res, f"{k}/eval", "native/eval"),
-                fb=ratio(res, f"{k}/fb", "native/fb"), mem=mem[k] / mem["native"],
-                ms=dict(fwd=res[f"{k}/fwd"][0] * 1e3, eval=res[f"{k}/eval"][0] * 1e3, fb=res[f"{k}/fb"][0] * 1e3),
-                native_ms=dict(fwd=res["native/fwd"][0] * 1e3, eval=res["native/eval"][0] * 1e3, fb=res["native/fb"][0] * 1e3),
-                floor_ms=floor * 1e3, fwd_over_floor=res[f"{k}/fwd"][0] / floor,
-                native_fwd_over_floor=res["native/fwd"][0] / floor,
-            ))
-    return rows
+# ---------------------------------------------------------------- torch: benchmarks/bench_torch.py
 
 
 # ---------------------------------------------------------------- keras on TensorFlow
@@ -351,7 +222,7 @@ def part_jax(rounds: int) -> list[dict]:
     return rows
 
 
-PARTS = {"torch": part_torch, "keras": part_keras, "numpy": part_numpy, "jax": part_jax}
+PARTS = {"keras": part_keras, "numpy": part_numpy, "jax": part_jax}
 
 
 # ---------------------------------------------------------------- report
@@ -385,16 +256,9 @@ def fmt(v, spec=".2f"):
 
 
 def table(rows: list[dict]) -> str:
-    out = ["### torch (CPU): normkit / torch.nn.BatchNorm*d, one thread", "",
-           "| shape | implementation | fwd train | eval fwd | fwd+bwd | saved-for-backward memory | fwd train / bandwidth floor (native's) | normkit ms fwd / eval / fwd+bwd | native ms |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["part"] == "torch":
-            impl = f"{r['impl']}: {r['kernel']}" if r.get("kernel") else r["impl"]
-            out.append(f"| {r['config']} | {impl} | {fmt(r['fwd'])}x | {fmt(r['eval'])}x | {fmt(r['fb'])}x | {fmt(r['mem'])}x | "
-                       f"{fmt(r['fwd_over_floor'], '.1f')}x ({fmt(r['native_fwd_over_floor'], '.1f')}x) | "
-                       f"{r['ms']['fwd']:.2f} / {r['ms']['eval']:.2f} / {r['ms']['fb']:.2f} | "
-                       f"{r['native_ms']['fwd']:.2f} / {r['native_ms']['eval']:.2f} / {r['native_ms']['fb']:.2f} |")
+    import bench_torch
+
+    out = [bench_torch.table(rows)]
     out += ["", "### Keras 3 on TensorFlow (inside tf.function): normkit_keras / keras.layers.BatchNormalization", "",
             "| shape | impl: training kernel | fwd train | eval fwd | fwd+bwd | normkit ms fwd / eval / fwd+bwd | keras ms |",
             "|---|---|---|---|---|---|---|"]
@@ -429,18 +293,11 @@ def goals(rows: list[dict]) -> str:
                 if r["part"] == part and key in r and (impl is None or r["impl"] == impl) and pred(r)]
         return max(vals) if vals else None
 
-    fn = "_autograd Function"
-    mod = "normkit_torch module"
-    nchw = lambda r: r["config"].startswith("conv") and "NCHW" in r["config"]  # noqa: E731
+    import bench_torch
+
     conv = lambda r: r["config"].startswith("conv")  # noqa: E731
     checks = [
-        ("normkit_torch module fwd+bwd <= 1.0x native, every shape", worst("torch", "fb", mod), 1.0),
-        ("normkit_torch module fwd train <= 1.0x native, every shape", worst("torch", "fwd", mod), 1.0),
-        ("normkit_torch module eval fwd <= 1.0x native, every shape", worst("torch", "eval", mod), 1.0),
-        ("torch fwd+bwd <= 1.0x native, every shape", worst("torch", "fb", fn), 1.0),
-        ("torch fwd+bwd <= 0.8x native, NCHW conv shapes", worst("torch", "fb", fn, nchw), 0.8),
-        ("torch eval fwd <= 1.0x native", worst("torch", "eval", fn), 1.0),
-        ("torch saved-for-backward memory <= 1.0x native", worst("torch", "mem", fn), 1.0),
+        *bench_torch.goals(rows),
         ("keras-on-TF fwd+bwd <= 0.5x keras BN", worst("keras", "fb", "normkit_keras"), 0.5),
         ("numpy train fwd <= 3x bandwidth floor, conv shapes", worst("numpy", "train_over_floor", None, conv), 3.0),
         ("jax fwd+bwd <= 1.0x hand-written", worst("jax", "fb"), 1.0),
@@ -482,7 +339,12 @@ def main() -> None:
     rows = []
     for part in args.parts.split(","):
         t0 = time.perf_counter()
-        got = run_part(part, rounds)
+        if part == "torch":
+            import bench_torch
+
+            got = bench_torch.collect(rounds, args.quick)
+        else:
+            got = run_part(part, rounds)
         print(f"[{part}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr)
         rows += got
     text = "\n".join([
@@ -494,9 +356,8 @@ def main() -> None:
         "per library. Bandwidth floor: one full reduction plus one copy of x, timed in the same run. Memory: the bytes",
         "autograd keeps between forward and backward (torch.autograd.graph.saved_tensors_hooks, one count per storage,",
         "x included on both sides); transient peaks inside the kernels are not in it.", "",
-        "### Goals (torch rows: the _autograd Function by itself unless the normkit_torch module is named; the",
-        "module computes through the kernels its plugin hook chose, named in the kernel column; \"core policy\" rows:",
-        "the same module forced onto the generic core, as normkit_torch.set_kernel_policy(\"core\") does)", "",
+        "### Goals (torch rows: the default kernel policy, torch's own kernels; \"core policy\" rows: the same module",
+        "or function forced onto the generic core, as normkit_torch.set_kernel_policy(\"core\") does)", "",
         goals(rows), "",
         table(rows), "",
     ])
