@@ -76,7 +76,7 @@ def _is_compiling_fn() -> Callable[[], bool]:
 
 _IS_COMPILING = _is_compiling_fn()
 
-# (op, device type, dtype, kernels.generation()) -> torch.nn.functional function, or None (the core)
+# (op, device, dtype, kernels.generation()) -> torch.nn.functional function, or None (the core)
 _CHOSEN: dict[tuple, Optional[Callable[..., Any]]] = {}
 _CHOSEN_GENERATION = [-1]
 _LOCK = threading.Lock()
@@ -100,7 +100,7 @@ def kernel_for(op: str, input: Tensor) -> Optional[Callable[..., Any]]:
     """
     if not POLICY.enabled():
         return None
-    key = (op, input.device.type, input.dtype, kernels.generation())
+    key = (op, input.device, input.dtype, kernels.generation())  # a device object hashes faster than its .type
     found = _CHOSEN.get(key, _MISSING)
     if found is _MISSING:
         if is_compiling():
