@@ -26,7 +26,7 @@ from normkit.testing import reference
 from torch import nn
 
 import normkit_torch as nkt
-from normkit_torch._fold import UnfoldedBatchNormWarning
+from normkit_torch import UnfoldedBatchNormWarning
 
 F64 = torch.float64
 EPS32 = float(np.finfo(np.float32).eps)

@@ -33,6 +33,10 @@ _FUNCTIONS = {
     "from_state": "normkit_keras._state",
     "norm_states": "normkit_keras._state",
     "copy_norm_states": "normkit_keras._state",
+    "fold_batch_norm": "normkit_keras._fold",
+    "UnfoldedBatchNormWarning": "normkit_keras._fold",
+    "freeze": "normkit_keras._freeze",
+    "recalibrate": "normkit_keras._recalibrate",
 }
 
 __all__ = list(_LAYERS) + list(_FUNCTIONS)
@@ -41,6 +45,9 @@ if TYPE_CHECKING:
     from normkit_keras._batch_normalization import BatchNormalization
     from normkit_keras._kernels import get_kernel_policy, set_kernel_policy
     from normkit_keras._family import GroupNormalization, LayerNormalization, RMSNormalization, UnitNormalization
+    from normkit_keras._fold import UnfoldedBatchNormWarning, fold_batch_norm
+    from normkit_keras._freeze import freeze
+    from normkit_keras._recalibrate import recalibrate
     from normkit_keras._preprocessing import MinMaxScale, Standardize
     from normkit_keras._state import copy_norm_states, from_state, get_state, norm_states, set_state
 

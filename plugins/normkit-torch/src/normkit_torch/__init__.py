@@ -43,6 +43,7 @@ _EXPORTS = {
     "set_kernel_policy": "_functional",
     "get_kernel_policy": "_functional",
     "fold_batch_norm": "_fold",
+    "UnfoldedBatchNormWarning": "_fold",
     "FrozenBatchNorm": "_frozen",
     "FrozenBatchNorm1d": "_frozen",
     "FrozenBatchNorm2d": "_frozen",
@@ -83,7 +84,7 @@ if TYPE_CHECKING:
         LazyInstanceNorm3d,
     )
     from normkit_torch._normalization import GroupNorm, LayerNorm, RMSNorm
-    from normkit_torch._fold import fold_batch_norm
+    from normkit_torch._fold import UnfoldedBatchNormWarning, fold_batch_norm
     from normkit_torch._frozen import (
         FrozenBatchNorm,
         FrozenBatchNorm1d,
