@@ -157,9 +157,17 @@ def test_from_state_layout_and_overrides():
         nkt.from_state({"kind": "batch"})
 
 
-def test_get_state_rejects_other_modules():
+def test_get_state_rejects_other_modules_and_extra_state():
     with pytest.raises(TypeError, match="expected a torch normalization module .* got Linear"):
         nkt.get_state(nn.Linear(2, 2))
+
+    class Renormed(nn.BatchNorm1d):  # a subclass with statistics of its own (batch renormalization's, say)
+        def __init__(self, n: int) -> None:
+            super().__init__(n)
+            self.register_buffer("running_std", torch.ones(n))
+
+    with pytest.raises(ValueError, match=r"Renormed carries \['running_std'\], which a NormState does not hold"):
+        nkt.get_state(Renormed(3))
 
 
 def test_set_state_translates_eps_momentum_and_count():

@@ -8,6 +8,8 @@ the feature axis is the layer's ``axis`` (1 channels-first, -1 channels-last), `
 are a present bias/weight, RMSNormalization's weight is ``scale``, ``GroupNormalization`` with one
 channel per group (``groups=-1``) is an instance norm. Keras keeps no batch count: ``set_state``
 remembers the state's count on the layer object while its moving statistics stay as written.
+Training on from a torch state, Keras folds the biased batch variance: each step's moving_variance
+is ``(1 - momentum) * var_B / (n - 1)`` below torch's (n values per feature); inference is identical.
 Accepted: normkit_keras's layers and keras.layers' (BatchNormalization, LayerNormalization,
 GroupNormalization, RMSNormalization), built.
 """
@@ -31,6 +33,8 @@ _CLASSES = (
     ("group", (keras.layers.GroupNormalization, _fam.GroupNormalization)),
     ("rms", (keras.layers.RMSNormalization, _fam.RMSNormalization)),
 )
+_KNOWN = {"batch": {"gamma", "beta", "moving_mean", "moving_variance"}, "layer": {"gamma", "beta"},
+          "group": {"gamma", "beta"}, "rms": {"scale"}}
 _COUNT = "_normkit_batch_count"  # (count, moving_mean, moving_variance) as set_state wrote them
 
 
@@ -54,6 +58,9 @@ def _require(layer: Any) -> str:
         raise ValueError("BatchNormalization(renorm=True) keeps renorm statistics a NormState does not carry")
     if kind == "layer" and getattr(layer, "rms_scaling", False):
         raise ValueError("LayerNormalization(rms_scaling=True) is not a layer norm a NormState describes")
+    extra = sorted({v.path.split("/")[-1] for v in layer.weights} - _KNOWN[kind])
+    if extra:
+        raise ValueError(f"{type(layer).__name__} {layer.name!r} carries weights {extra}, which a NormState does not hold")
     return kind
 
 
@@ -338,13 +345,14 @@ def _source_states(source: Any) -> dict[str, NormState]:
         return {str(i): s for i, s in enumerate(source)}
     from normkit.plugin.manager import framework, frameworks
 
-    for name in frameworks():
-        reader = getattr(framework(name), "norm_states", None)
-        if name != "keras" and reader is not None:
-            try:
+    # another framework's model: asked of the plugin whose library defines one of its classes (no import of
+    # a framework the object cannot belong to)
+    roots = {cls.__module__.split(".")[0] for cls in type(source).__mro__}
+    for name, module in frameworks().items():
+        if name != "keras" and (name in roots or module.split(".")[0] in roots):
+            reader = getattr(framework(name), "norm_states", None)
+            if reader is not None:
                 return reader(source)
-            except TypeError:
-                continue
     raise TypeError(f"cannot read normalization states from {type(source).__name__}")
 
 

@@ -6,7 +6,10 @@ channels-first), ``momentum`` is the weight of the new batch (the ``NormState``'
 as 0.0), ``running_var`` is updated with the unbiased batch variance (``running_var_correction=1``),
 ``num_batches_tracked`` is kept, ``affine=False`` / ``bias=False`` are a missing weight / bias,
 RMSNorm's ``eps=None`` is recorded as the machine epsilon it resolves to. ``running_var`` itself is
-copied unchanged: torch and Keras both use it as the population variance at inference.
+copied unchanged: torch and Keras both use it as the population variance at inference, so inference
+outputs match. Training on from a Keras state, torch folds the unbiased batch variance: each step's
+running_var is ``momentum * var_B / (n - 1)`` above what Keras would store (n values per feature);
+torch's update cannot be changed, so a module from Keras trains on with torch's convention.
 Accepted: normkit_torch's modules and torch.nn's (BatchNorm1d/2d/3d, SyncBatchNorm, InstanceNorm1d/2d/3d,
 LayerNorm, GroupNorm, RMSNorm; Lazy ones once initialized).
 """
@@ -33,6 +36,7 @@ __all__ = ["get_state", "set_state", "from_state", "norm_states", "copy_norm_sta
 _RMS_CLASSES: tuple[type, ...] = (norm._RMSNormBase,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 _RANKS = ((nn.BatchNorm2d, 4), (nn.BatchNorm3d, 5), (nn.InstanceNorm1d, 3), (nn.InstanceNorm2d, 4), (nn.InstanceNorm3d, 5))
 _HALF = (torch.float16, torch.bfloat16)
+_KNOWN = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
 
 
 def _kind(module: Any) -> Optional[str]:
@@ -58,6 +62,10 @@ def _require_kind(module: Any) -> str:
         )
     if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
         raise ValueError(f"{type(module).__name__} is not initialized yet: run one batch through it first")
+    names = [n for n, _ in module.named_parameters(recurse=False)] + [n for n, _ in module.named_buffers(recurse=False)]
+    extra = sorted(set(names) - _KNOWN)
+    if extra:  # e.g. batch renormalization's statistics
+        raise ValueError(f"{type(module).__name__} carries {extra}, which a NormState does not hold")
     return kind
 
 
@@ -291,13 +299,14 @@ def _source_states(source: Any) -> dict[str, NormState]:
         return {str(i): s for i, s in enumerate(source)}
     from normkit.plugin.manager import framework, frameworks
 
-    for name in frameworks():
-        reader = getattr(framework(name), "norm_states", None)
-        if name != "torch" and reader is not None:
-            try:
+    # another framework's model: asked of the plugin whose library defines one of its classes (no import of
+    # a framework the object cannot belong to)
+    roots = {cls.__module__.split(".")[0] for cls in type(source).__mro__}
+    for name, module in frameworks().items():
+        if name != "torch" and (name in roots or module.split(".")[0] in roots):
+            reader = getattr(framework(name), "norm_states", None)
+            if reader is not None:
                 return reader(source)
-            except TypeError:
-                continue
     raise TypeError(f"cannot read normalization states from {type(source).__name__}")
 
 
