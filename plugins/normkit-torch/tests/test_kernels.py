@@ -570,19 +570,28 @@ def _compile_args(shape):
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_dispatch_and_functional_api_compile_fullgraph(dynamic, policy, _fresh_dynamo):
-    """Both policies, static and dynamic shapes: one graph, no Dynamo warning, eager results and buffer updates.
-    A configuration first seen while compiling (choices forgotten just before) compiles too."""
+    """Both policies: one graph, no Dynamo warning, eager results and buffer updates. Static: compiled
+    first, with every kernel choice forgotten just before (a configuration first seen while tracing).
+    Dynamic: after an eager call, a second batch size runs in the same graph (no shape guard)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
     _bump_generation()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for fn in (_dispatch_all, _normkit_all):
-            compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic, backend="aot_eager")
-            for shape in ((4, 3, 6, 5), (6, 3, 4, 5)):
+            if dynamic:
+                fn(*_compile_args((2, 3, 6, 5)))
+            counter = CompileCounterWithBackend("aot_eager")
+            compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic, backend=counter)
+            frames = []
+            for shape in ((4, 3, 6, 5), (6, 3, 6, 5))[: 2 if dynamic else 1]:
                 got_args, want_args = _compile_args(shape), _compile_args(shape)
                 got, want = compiled(*got_args), fn(*want_args)
                 for u, v in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
                     torch.testing.assert_close(u, v, **TIGHT)
                 for u, v in zip(got_args, want_args):  # the dispatch's in-place buffer updates
                     torch.testing.assert_close(u, v, **TIGHT)
+                frames.append(counter.frame_count)
+            assert frames[0] >= 1 and frames[-1] == frames[0], (fn.__name__, frames)  # no recompile
     noisy = [str(w.message) for w in caught if "dynamo" in str(w.message).lower() or "graph break" in str(w.message)]
     assert not noisy, noisy
