@@ -10,10 +10,24 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from normkit.plugin.kernels import use_policy  # noqa: E402
 from normkit_keras.testing import KerasHarness  # noqa: E402
 
 BACKEND = keras.backend.backend()
 HARNESS = KerasHarness()  # on JAX this enables float64 (jax_enable_x64) before any test runs
+
+# The TensorFlow kernels serve tf.Tensor whatever the Keras backend: their module runs in the TensorFlow run.
+collect_ignore = [] if BACKEND == "tensorflow" else ["test_kernels.py"]
+
+# kernel policies a layer test runs under: both where the plugin has kernels (TensorFlow), else "auto" (the core)
+POLICIES = ["auto", "core"] if BACKEND == "tensorflow" else ["auto"]
+
+
+def f32_tol(n_terms, scale=1.0):
+    """Tolerance between two float32 computations whose sums have up to ``n_terms`` terms of magnitude ``scale``:
+    random-sign round-off grows as sqrt(n) * eps; 8x covers both sides and the few operations around the sums."""
+    unit = 8.0 * float(np.sqrt(n_terms)) * float(np.finfo(np.float32).eps)
+    return dict(rtol=unit, atol=unit * max(float(scale), 1.0))
 
 
 def pytest_report_header(config):
@@ -31,6 +45,13 @@ def _clean_keras_state():
     yield
     keras.config.set_floatx("float32")
     keras.config.set_dtype_policy("float32")
+
+
+@pytest.fixture(params=POLICIES)
+def policy(request):
+    """The test under each kernel policy (``normkit.plugin.kernels.use_policy``), so normkit's own math runs too."""
+    with use_policy(request.param):
+        yield request.param
 
 
 @pytest.fixture

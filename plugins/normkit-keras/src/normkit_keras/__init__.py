@@ -1,10 +1,13 @@
 """normkit's Keras 3 layers: drop-ins for ``keras.layers`` normalization layers, on every Keras backend.
 
-The layers are imported on first access (PEP 562), so that normkit's entry module
-``normkit_keras._plugin`` can be loaded without importing keras or tensorflow.
+Each layer subclasses its Keras twin (constructor, weights and config are Keras's; ``call`` is
+normkit's), so ``isinstance(layer, keras.layers.BatchNormalization)`` holds. Importing this
+package registers the layers with Keras's serialization (``_registration``) without importing
+keras: the layers load on first access (PEP 562) or right after keras is imported, so normkit's
+entry module ``normkit_keras._plugin`` stays free of keras and tensorflow.
 
-On the TensorFlow backend ``BatchNormalization`` trains through TensorFlow's fused kernel where the
-plugin's measurements found it faster; ``normkit_keras.set_kernel_policy("core")`` (or
+On the TensorFlow backend the layers (and ``normkit``'s functions on ``tf.Tensor``) run
+TensorFlow kernels where the plugin offers them; ``normkit_keras.set_kernel_policy("core")`` (or
 ``NORMKIT_KERAS_KERNELS=core``) forces the generic core.
 """
 
@@ -12,6 +15,8 @@ from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
+
+from normkit_keras._registration import register_with_keras
 
 __version__ = "0.1.0"
 
@@ -26,8 +31,8 @@ _LAYERS = {
 }
 
 _FUNCTIONS = {
-    "set_kernel_policy": "normkit_keras._kernels",
-    "get_kernel_policy": "normkit_keras._kernels",
+    "set_kernel_policy": "normkit_keras._policy",
+    "get_kernel_policy": "normkit_keras._policy",
     "get_state": "normkit_keras._state",
     "set_state": "normkit_keras._state",
     "from_state": "normkit_keras._state",
@@ -43,7 +48,7 @@ __all__ = list(_LAYERS) + list(_FUNCTIONS)
 
 if TYPE_CHECKING:
     from normkit_keras._batch_normalization import BatchNormalization
-    from normkit_keras._kernels import get_kernel_policy, set_kernel_policy
+    from normkit_keras._policy import get_kernel_policy, set_kernel_policy
     from normkit_keras._family import GroupNormalization, LayerNormalization, RMSNormalization, UnitNormalization
     from normkit_keras._fold import UnfoldedBatchNormWarning, fold_batch_norm
     from normkit_keras._freeze import freeze
@@ -63,3 +68,6 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(list(globals()) + __all__)
+
+
+register_with_keras()

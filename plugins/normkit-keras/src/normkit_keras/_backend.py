@@ -12,6 +12,8 @@ import keras
 
 __all__ = ["backend_name", "backend_namespace", "native", "dtype_name", "cast", "in_compute_dtype"]
 
+_NAMESPACES: dict[str, Any] = {}
+
 
 def backend_name() -> str:
     return keras.backend.backend()
@@ -20,6 +22,13 @@ def backend_name() -> str:
 def backend_namespace() -> Any:
     """``xp`` for the arrays Keras hands a layer's ``call`` on this process's backend."""
     name = backend_name()
+    xp = _NAMESPACES.get(name)
+    if xp is None:
+        xp = _NAMESPACES[name] = _namespace_of(name)
+    return xp
+
+
+def _namespace_of(name: str) -> Any:
     if name == "tensorflow":
         from normkit_keras._namespaces import tensorflow_namespace
 
@@ -57,5 +66,11 @@ def cast(xp: Any, x: Any, name: str) -> Any:
 
 
 def in_compute_dtype(xp: Any, x: Any) -> Any:
-    """Half precision as float32, as Keras's normalization layers compute (``result_type(dtype, "float32")``)."""
-    return cast(xp, x, "float32") if dtype_name(x) in ("float16", "bfloat16") else x
+    """``x`` in the dtype Keras's normalization layers compute in: half precision as float32, integers and
+    booleans as ``result_type(dtype, "float32")`` (float32); float32 and float64 as they are."""
+    name = dtype_name(x)
+    if name in ("float32", "float64"):
+        return x
+    if name in ("float16", "bfloat16"):
+        return cast(xp, x, "float32")
+    return cast(xp, x, keras.backend.result_type(name, "float32"))

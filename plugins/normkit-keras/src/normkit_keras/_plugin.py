@@ -4,34 +4,24 @@ Thin on purpose: importing this module imports neither keras nor tensorflow. A t
 looked at when its library is already in ``sys.modules`` (an array of a library that was never
 imported cannot exist), as array-api-compat does.
 
-Kernels (``normkit_kernel``). ``BatchNormalization`` asks, once per layer and (dtype, layout) on
-the TensorFlow backend, for ``"batch_norm_train"``: ``(x, gamma, beta, eps) -> (y, mean,
-var_biased)`` with features on the last axis (contract in ``_kernels``). Layout keys: ``"nc"``
-(rank 2), ``"nlc"`` (rank 3), ``"nhwc"`` (rank 4), ``"ndhwc"`` (rank 5), features last. Masks,
-renorm, synchronized replicas, inference and ``trainable=False`` never ask: they stay on the core.
-
-Decision table (``KERNELS``), TensorFlow namespace; device ``"tf"`` (TF places the op) or
-``"xla"`` (the layer is traced inside ``jit_compile``, ``_kernels.device_of_trace``):
-
-| op | device | dtype | layout | kernel |
-|---|---|---|---|---|
-| batch_norm_train | tf | float32 (float16/bfloat16 input is computed as float32) | nhwc, nlc, nc | fused (``_kernels.tensorflow_fused_batch_norm_train``) |
-| batch_norm_train | xla | | | None: the core (fused measured 1.29-1.31x Keras in a jit ``fit`` step, core 1.01-1.04x) |
-| anything else (float64: no fused kernel in TF; ndhwc, other axes, eval, other namespaces) | | | | None: the generic core |
-
-Measured (``benchmarks/run.py``'s Keras part and the table in ``README.md``): time of the layer
-with the kernel / time of ``keras.layers.BatchNormalization``, inside ``tf.function``, one thread.
+Kernels: ``KERNELS`` lists what ``normkit_kernel`` offers for the TensorFlow namespace, whatever
+the device (TensorFlow places its ops; the kernels decline inside ``jit_compile``). The
+functional API and the layers (whose ``call`` is one ``normkit`` function call) reach them alike;
+``normkit_keras.set_kernel_policy("core")`` or ``NORMKIT_KERAS_KERNELS=core`` turns them off.
+Contracts and measurements: ``_kernels`` and benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
 from typing import Any
 
 from normkit import hookimpl
+from normkit.plugin.kernels import KernelTable
+from normkit_keras._policy import POLICY
 
 __all__ = [
+    "KERNELS",
     "normkit_array_namespace",
     "normkit_frameworks",
     "normkit_kernel",
@@ -100,31 +90,27 @@ def normkit_test_harnesses() -> list[Any]:
     return [KerasHarness()]
 
 
-_FUSED_TRAIN = "normkit_keras._kernels:tensorflow_fused_batch_norm_train"
-
-# (op, device, dtype name, layout) -> "module:function"; device "tf" (TF's own placement) or "xla"
-# (a jit_compile trace); anything absent: None (the generic core)
-KERNELS: dict[tuple[str, str, str, str], str] = {
-    ("batch_norm_train", "tf", "float32", "nhwc"): _FUSED_TRAIN,
-    ("batch_norm_train", "tf", "float32", "nlc"): _FUSED_TRAIN,
-    ("batch_norm_train", "tf", "float32", "nc"): _FUSED_TRAIN,
-}
-
-
-def _load(target: str) -> Any:
-    module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)
+# (op, device, dtype, layout) -> kernel; device "tf": wherever TensorFlow places the op
+KERNELS = KernelTable(
+    {
+        ("batch_norm", "tf", "float32", "any"): "normkit_keras._kernels:batch_norm",
+        ("layer_norm", "tf", "float32", "any"): "normkit_keras._kernels:layer_norm",
+        ("group_norm", "tf", "float32", "any"): "normkit_keras._kernels:group_norm",
+    },
+    namespaces=lambda xp: _tensorflow_namespace() is xp,
+    policy=POLICY,
+)
 
 
-@hookimpl
-def normkit_kernel(op: str, xp: Any, device: Any, dtype: Any, layout: str) -> Any:
-    """TensorFlow's fused batch norm per ``KERNELS`` for the TensorFlow namespace; None otherwise."""
+def _tensorflow_namespace() -> Any:
     if "tensorflow" not in sys.modules:
         return None
     from normkit_keras._namespaces import tensorflow_namespace
 
-    if xp is not tensorflow_namespace():
-        return None
-    dtype_name = getattr(dtype, "name", None) or str(dtype).rpartition(".")[2]
-    target = KERNELS.get((op, str(device), dtype_name, layout))
-    return None if target is None else _load(target)
+    return tensorflow_namespace()
+
+
+@hookimpl
+def normkit_kernel(op: str, xp: Any, device: Any, dtype: Any, layout: str) -> Any:
+    """A TensorFlow kernel from ``KERNELS`` for the TensorFlow namespace; None otherwise."""
+    return KERNELS.lookup(op, xp, "tf", dtype, layout)
