@@ -4,9 +4,10 @@
     model = normkit_torch.convert(model)         # swap every torch.nn norm module in a model
     model = normkit_torch.to_torch(model)        # and back
 
-Every module computes through the normkit core (one Array API implementation for every library);
-the batch-norm modules use torch's own kernels where the plugin's measurements found them faster.
-``normkit_torch.set_kernel_policy("core")`` (or ``NORMKIT_TORCH_KERNELS=core``) forces the core.
+Every module's forward is one call to ``normkit_torch.functional`` (shaped like torch.nn.functional):
+torch's own kernels by default, on every device (torch.nn's results and speed);
+``normkit_torch.set_kernel_policy("core")`` (or ``NORMKIT_TORCH_KERNELS=core``) computes through the
+normkit core instead, exact where torch's float32 kernels lose digits (data far from zero).
 Importing this package does not import torch: names are loaded on first use, so the normkit
 plugin host can read the entry point without paying for torch.
 """
