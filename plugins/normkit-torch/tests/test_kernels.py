@@ -428,6 +428,18 @@ def test_choice_made_once_per_configuration(monkeypatch):
     assert sorted(calls) == ["batch_norm", "batch_norm", "layer_norm"]
 
 
+def test_dtype_outside_the_table_goes_to_torch_under_auto():
+    """No kernel offered (integer input): under "auto" torch's own function answers, with torch's error."""
+    x = torch.ones(4, 3, dtype=torch.long)
+    assert _functional.kernel_for("batch_norm", x) is F.batch_norm
+    for ours, theirs in ((nkt.BatchNorm1d(3), nn.BatchNorm1d(3)), (nkt.LayerNorm(3), nn.LayerNorm(3))):
+        with pytest.raises(Exception) as want:
+            theirs(x)
+        with pytest.raises(type(want.value)) as got:
+            ours(x)
+        assert str(got.value) == str(want.value)
+
+
 def test_policy_from_environment():
     code = (
         "import torch, normkit_torch as nkt;"

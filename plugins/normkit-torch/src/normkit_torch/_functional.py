@@ -95,8 +95,9 @@ def kernel_for(op: str, input: Tensor) -> Optional[Callable[..., Any]]:
 
     None under the policy ``"core"``. Under ``"auto"``: the ``nn_functional`` of the kernel the
     ``normkit_kernel`` hook offers for (op, device type, dtype), asked once per configuration and
-    policy generation. While torch.compile traces a configuration not yet seen eagerly, torch's
-    function (the table's answer on every device), never a hook call.
+    policy generation; where it offers none (a dtype outside the table: torch raises its own error),
+    torch's own function, as while torch.compile traces a configuration not yet seen eagerly (no hook
+    call then). torch.nn's behaviour is the contract of "auto".
     """
     if not POLICY.enabled():
         return None
@@ -110,7 +111,8 @@ def kernel_for(op: str, input: Tensor) -> Optional[Callable[..., Any]]:
 
 
 def _choose(op: str, input: Tensor, key: tuple) -> Optional[Callable[..., Any]]:
-    found = getattr(kernels.lookup(op, xp, input.device, input.dtype), "nn_functional", None)
+    kernel = kernels.lookup(op, xp, input.device, input.dtype)
+    found = getattr(kernel, "nn_functional", None) or _TORCH_FUNCTIONAL[op]
     with _LOCK:
         if _CHOSEN_GENERATION[0] != key[3]:  # a policy change or a new plugin: forget older choices
             _CHOSEN.clear()
