@@ -268,17 +268,7 @@ def group_norm(
                 f"Expected {name} to be a vector of size equal to the number of channels in input, "
                 f"but got {name} of shape {list(t.shape)} and input of shape {list(input.shape)}"
             )
-    output = normkit.group_norm(input, num_groups, weight, bias, axis=1, eps=eps, xp=xp)
-    return _keep_channels_last(input, output)
-
-
-def _keep_channels_last(input: Tensor, output: Tensor) -> Tensor:
-    """``output`` in ``input``'s channels-last memory format (torch's group norm keeps it)."""
-    if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
-        return output.contiguous(memory_format=torch.channels_last)
-    if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
-        return output.contiguous(memory_format=torch.channels_last_3d)
-    return output
+    return normkit.group_norm(input, num_groups, weight, bias, axis=1, eps=eps, xp=xp)  # keeps channels_last
 
 
 def rms_norm(
