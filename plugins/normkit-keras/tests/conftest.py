@@ -16,11 +16,11 @@ from normkit_keras.testing import KerasHarness  # noqa: E402
 BACKEND = keras.backend.backend()
 HARNESS = KerasHarness()  # on JAX this enables float64 (jax_enable_x64) before any test runs
 
-# The TensorFlow kernels serve tf.Tensor whatever the Keras backend: their module runs in the TensorFlow run.
-collect_ignore = [] if BACKEND == "tensorflow" else ["test_kernels.py"]
+# The kernels serve tf.Tensor / jax arrays whatever the Keras backend: each module runs in its backend's run.
+collect_ignore = [m for m, b in (("test_kernels.py", "tensorflow"), ("test_jax_kernels.py", "jax")) if b != BACKEND]
 
-# kernel policies a layer test runs under: both where the plugin has kernels (TensorFlow), else "auto" (the core)
-POLICIES = ["auto", "core"] if BACKEND == "tensorflow" else ["auto"]
+# kernel policies a layer test runs under: both where the plugin has kernels (TensorFlow, JAX), else "auto" (the core)
+POLICIES = ["auto", "core"] if BACKEND in ("tensorflow", "jax") else ["auto"]
 
 
 def f32_tol(n_terms, scale=1.0):

@@ -286,7 +286,7 @@ def test_errors():
 
 
 KERNEL_LAYERS = [("BatchNormalization", {}, (8, 5, 5, 6)), ("LayerNormalization", {}, (4, 7, 6)),
-          ("GroupNormalization", {"groups": 3}, (4, 5, 5, 6))]
+                 ("GroupNormalization", {"groups": 3}, (4, 5, 5, 6)), ("RMSNormalization", {}, (4, 7, 6))]
 
 
 @pytest.mark.parametrize(("name", "kwargs", "shape"), KERNEL_LAYERS, ids=[l[0] for l in KERNEL_LAYERS])
@@ -497,7 +497,7 @@ def _swap_batch_norms(model):
 def test_freeze_every_batch_normalization_in_mobilenet_v2():
     """The usual fine-tuning loop (isinstance(layer, keras.layers.BatchNormalization) -> trainable=False) finds
     all 52 of MobileNetV2's, now normkit's, and frozen they run in inference mode with fixed statistics."""
-    native = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=4)
+    native = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), alpha=0.35, classes=4)
     model = _swap_batch_norms(native)
     x = data((2, 32, 32, 3), seed=14)
     # inference: the same model (in training, batch statistics of 2 samples at 1x1 amplify round-off chaotically)

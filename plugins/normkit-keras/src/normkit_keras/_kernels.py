@@ -99,17 +99,17 @@ def _reports_unbiased() -> bool:
 def _fused_train(tf: Any, x: Any, scale: Any, offset: Any, eps: float) -> tuple[Any, normkit.Moments]:
     """``(y, Moments)`` of training-mode batch norm over every axis but the last, on ``x - x[first row]``."""
     c = x.shape[-1]
-    x4 = tf.reshape(x, [1, -1, 1, c])
-    rows = x4.shape[1]
+    x4 = tf.reshape(x, [-1, 1, 1, c])  # rows as the batch: faster than one image of all rows (measured)
+    rows = x4.shape[0]
     # the first row of the batch (zeros for an empty one), per channel, carries no gradient
-    shift = tf.stop_gradient(tf.reduce_sum(x4[:, :1], axis=(0, 1, 2)))
+    shift = tf.stop_gradient(tf.reduce_sum(x4[:1], axis=(0, 1, 2)))
     out = tf.raw_ops.FusedBatchNormV3(
         x=x4 - shift, scale=tf.ones([c]) if scale is None else scale, offset=tf.zeros([c]) if offset is None else offset,
         mean=tf.zeros([0]), variance=tf.zeros([0]), epsilon=float(eps), exponential_avg_factor=1.0,
         data_format="NHWC", is_training=True,
     )
     y = tf.reshape(out.y, tf.shape(x))
-    count: Any = int(rows) if rows is not None else tf.cast(tf.shape(x4)[1], tf.float32)
+    count: Any = int(rows) if rows is not None else tf.cast(tf.shape(x4)[0], tf.float32)
     n = float(count) if isinstance(count, int) else count
     var = out.batch_variance
     if _reports_unbiased():  # m2 = unbiased var * (n - 1)
@@ -140,7 +140,7 @@ def batch_norm(x: Any, running_mean: Any, running_var: Any, weight: Any, bias: A
     if not training:
         mean, var = (tf.cast(s, tf.float32) for s in (running_mean, running_var))
         out = tf.raw_ops.FusedBatchNormV3(
-            x=tf.reshape(x, [1, -1, 1, c]), scale=tf.ones([c]) if scale is None else scale,
+            x=tf.reshape(x, [-1, 1, 1, c]), scale=tf.ones([c]) if scale is None else scale,
             offset=tf.zeros([c]) if offset is None else offset, mean=mean, variance=var, epsilon=float(eps),
             exponential_avg_factor=1.0, data_format="NHWC", is_training=False,
         )

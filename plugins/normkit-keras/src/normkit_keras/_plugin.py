@@ -5,7 +5,8 @@ looked at when its library is already in ``sys.modules`` (an array of a library 
 imported cannot exist), as array-api-compat does.
 
 Kernels: ``KERNELS`` lists what ``normkit_kernel`` offers for the TensorFlow namespace, whatever
-the device (TensorFlow places its ops; the kernels decline inside ``jit_compile``). The
+the device (TensorFlow places its ops; the kernels decline inside ``jit_compile``), and
+``JAX_KERNELS`` for ``jax.numpy`` arrays on the CPU (Keras on JAX computes with them). The
 functional API and the layers (whose ``call`` is one ``normkit`` function call) reach them alike;
 ``normkit_keras.set_kernel_policy("core")`` or ``NORMKIT_KERAS_KERNELS=core`` turns them off.
 Contracts and measurements: ``_kernels`` and benchmarks/RESULTS.md.
@@ -22,6 +23,7 @@ from normkit_keras._policy import POLICY
 
 __all__ = [
     "KERNELS",
+    "JAX_KERNELS",
     "normkit_array_namespace",
     "normkit_frameworks",
     "normkit_kernel",
@@ -101,6 +103,18 @@ KERNELS = KernelTable(
     policy=POLICY,
 )
 
+# the same ops for float32 jax.numpy arrays on the CPU (Keras on JAX; custom_vjp, measured faster there)
+JAX_KERNELS = KernelTable(
+    {
+        ("batch_norm", "cpu", "float32", "any"): "normkit_keras._jax_kernels:batch_norm",
+        ("layer_norm", "cpu", "float32", "any"): "normkit_keras._jax_kernels:layer_norm",
+        ("group_norm", "cpu", "float32", "any"): "normkit_keras._jax_kernels:group_norm",
+        ("rms_norm", "cpu", "float32", "any"): "normkit_keras._jax_kernels:rms_norm",
+    },
+    namespaces=lambda xp: xp is sys.modules.get("jax.numpy"),
+    policy=POLICY,
+)
+
 
 def _tensorflow_namespace() -> Any:
     if "tensorflow" not in sys.modules:
@@ -112,5 +126,7 @@ def _tensorflow_namespace() -> Any:
 
 @hookimpl
 def normkit_kernel(op: str, xp: Any, device: Any, dtype: Any, layout: str) -> Any:
-    """A TensorFlow kernel from ``KERNELS`` for the TensorFlow namespace; None otherwise."""
-    return KERNELS.lookup(op, xp, "tf", dtype, layout)
+    """A TensorFlow kernel (any device) from ``KERNELS``, a JAX one from ``JAX_KERNELS``; None otherwise."""
+    if xp is sys.modules.get("jax.numpy") and device is None:  # traced by jax.jit: the default backend's device
+        device = sys.modules["jax"].default_backend()
+    return KERNELS.lookup(op, xp, "tf", dtype, layout) or JAX_KERNELS.lookup(op, xp, device, dtype, layout)
