@@ -12,6 +12,11 @@ Where a library sums a long axis naively (numpy over a non-contiguous axis, Tens
 at 1e4 come out 131 off; an outlier's square swallows the rest), the first mean and the squares
 of float32 data are accumulated in float64. ``Moments`` holds ``(count, mean, m2)``
 and merges with Chan's formula.
+
+Fitting (``Moments.from_array``, ``standardize``, ``min_max_scale``; ``fit_moments``) follows
+scikit-learn: NaN is ignored (``count`` per feature). Each feature is first scaled by an exact
+power of two that brings its largest magnitude near 1, so the squares of subnormal data do not
+underflow and those of huge data do not overflow.
 """
 
 from __future__ import annotations
@@ -19,18 +24,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from normkit._namespace import array_namespace, stop_gradient
+from normkit._namespace import array_namespace, device_of, stop_gradient
 from normkit._validate import (
     compute_dtype,
     feature_axis,
     mask_weights,
     reduce_axes,
     require_floating,
+    samples_per_feature,
     static_count,
     two_or_more_values,
 )
 
-__all__ = ["moments", "Moments", "MomentsResult", "batch_moments", "Centered", "centered_moments"]
+__all__ = [
+    "moments", "Moments", "MomentsResult", "batch_moments", "Centered", "centered_moments", "Fitted", "fit_moments",
+    "power_of_two_scale", "scalar_like",
+]
 
 
 class MomentsResult(NamedTuple):
@@ -76,6 +85,23 @@ def dynamic_count(xp: Any, x: Any, axes: tuple[int, ...]) -> Any:
     return xp.sum(xp.ones_like(x[index]))
 
 
+def _weight_count(xp: Any, w: Any, x: Any, axes: tuple[int, ...]) -> Any:
+    """``sum(broadcast_to(w, x.shape))`` over ``axes`` without the broadcast (dask cannot broadcast to unknown sizes)."""
+    shape = tuple(x.shape)
+    count = xp.sum(w, axis=axes, keepdims=True)
+    factor = 1
+    for a in range(x.ndim):
+        if w.shape[a] == 1 and shape[a] != 1:
+            n = static_count(shape, (a,))
+            if n is None:
+                return xp.sum(xp.broadcast_to(w, x.shape), axis=axes, keepdims=True)
+            if a in axes:
+                factor = factor * n
+            else:  # a kept axis (the features): one count per entry
+                count = xp.broadcast_to(count, tuple(n if i == a else d for i, d in enumerate(count.shape)))
+    return count if factor == 1 else count * factor
+
+
 def centered_moments(xp: Any, x: Any, axes: tuple[int, ...], weights: Any = None) -> Centered:
     """Mean, biased variance and the centred data of ``x`` over ``axes`` (keepdims), ``x`` in the compute dtype.
 
@@ -105,7 +131,7 @@ def centered_moments(xp: Any, x: Any, axes: tuple[int, ...], weights: Any = None
             square = xp.astype(xp.sum(centered * centered, axis=axes, keepdims=True, dtype=wide) / n, x.dtype)
     else:
         w = xp.astype(weights, x.dtype)
-        count = xp.sum(xp.broadcast_to(w, x.shape), axis=axes, keepdims=True)
+        count = _weight_count(xp, w, x, axes)
         total = xp.maximum(count, xp.asarray(1.0, dtype=x.dtype))
         if wide is None:
             first = xp.sum(x * w, axis=axes, keepdims=True) / total
@@ -120,6 +146,71 @@ def centered_moments(xp: Any, x: Any, axes: tuple[int, ...], weights: Any = None
                                / xp.astype(total, wide), x.dtype)
     var = xp.maximum(square - residual * residual, xp.zeros_like(square))
     return Centered(first + residual, centered, residual, var, count)
+
+
+class Fitted(NamedTuple):
+    """NaN-ignoring statistics of ``x`` over the reduced axes (keepdims), as the fitting functions use them.
+
+    ``scale`` is an exact power of two per feature that brings ``max |x|`` into [1, 4) (1 where a
+    feature has no finite value); ``mean``/``var`` (biased) are those of ``x * scale`` over the
+    ``count`` non-NaN values, so ``mean(x) = mean / scale`` and ``var(x) = var / scale**2``.
+    ``min``/``max`` are x's own (+inf/-inf for a feature with no value: the identities of a merge).
+    ``x * scale - mean == centered - residual`` (full size, NaN where x is NaN), as in ``Centered``.
+    """
+
+    count: Any
+    mean: Any
+    var: Any
+    min: Any
+    max: Any
+    scale: Any
+    centered: Any
+    residual: Any
+
+
+def scalar_like(xp: Any, value: float, like: Any) -> Any:
+    """A 0-d array of ``like``'s dtype and device (rule 6: constants for ``where`` and comparisons)."""
+    return xp.asarray(value, dtype=like.dtype, device=device_of(xp, like))
+
+
+def _at_least(xp: Any, a: Any, b: Any) -> Any:
+    """``a >= b`` with the functions every namespace normkit serves has (TensorFlow's is a subset)."""
+    return xp.equal(xp.maximum(a, b), a)
+
+
+def power_of_two_scale(xp: Any, magnitude: Any) -> Any:
+    """``2**-e`` per element with ``magnitude * 2**-e`` in [1, 4); 1 where magnitude is 0, inf or NaN.
+
+    A binary search on the exponent by exact multiplications with powers of two (log2 and pow
+    are neither in every namespace nor exact everywhere); ``2**-e`` stays a normal number.
+    """
+    one = xp.ones_like(magnitude)
+    largest = scalar_like(xp, float(xp.finfo(magnitude.dtype).max), magnitude)
+    m = xp.where(_at_least(xp, largest, magnitude), magnitude, one)  # inf and NaN: 1
+    m = xp.where(_at_least(xp, xp.zeros_like(m), m), one, m)  # 0 and -inf: 1
+    steps = (512, 256, 128, 64, 32, 16, 8, 4, 2) if m.dtype == xp.float64 else (64, 32, 16, 8, 4, 2)
+    scale = one
+    for k in steps:
+        down, up = scalar_like(xp, 2.0**-k, m), scalar_like(xp, 2.0**k, m)
+        scaled = m * scale
+        scale = xp.where(_at_least(xp, scaled, up), scale * down, scale)
+        scale = xp.where(_at_least(xp, scaled, down), scale, scale * up)
+    return scale
+
+
+def fit_moments(xp: Any, x: Any, axes: tuple[int, ...]) -> Fitted:
+    """``Fitted`` statistics of ``x`` (in the compute dtype) over ``axes``, ignoring NaN (scikit-learn's rule).
+
+    The corrected two-pass of ``centered_moments`` on ``x * scale``, weighted by ``x == x``.
+    """
+    valid = xp.equal(x, x)
+    lo = xp.min(xp.where(valid, x, scalar_like(xp, float("inf"), x)), axis=axes, keepdims=True)
+    hi = xp.max(xp.where(valid, x, scalar_like(xp, float("-inf"), x)), axis=axes, keepdims=True)
+    scale = power_of_two_scale(xp, xp.maximum(-lo, hi))
+    u = x * scale
+    m = centered_moments(xp, xp.where(valid, u, xp.zeros_like(u)), axes, valid)
+    centered = xp.where(valid, m.centered, u)  # NaN stays NaN
+    return Fitted(m.count, m.mean, m.var, lo, hi, scale, centered, m.residual)
 
 
 def moments(x: Any, axis: int | tuple[int, ...] | None = None, *, correction: float = 0, keepdims: bool = False,
@@ -158,6 +249,13 @@ def _safe_ratio(xp: Any, num: Any, den: Any) -> Any:
     return xp.where(xp.equal(den, zero), zero, num / xp.where(xp.equal(den, zero), xp.ones_like(den), den))
 
 
+def _unless_empty(xp: Any, count: Any, if_empty: Any, value: Any) -> Any:
+    """``if_empty`` where ``count`` is 0, else ``value`` (count an int or an array)."""
+    if isinstance(count, (int, float)):
+        return if_empty if count == 0 else value
+    return xp.where(xp.equal(count, xp.zeros_like(count)), if_empty, value)
+
+
 def _as_count(xp: Any, count: Any, like: Any) -> Any:
     """``count`` (an int or an array) in ``like``'s dtype, for arithmetic with it."""
     if isinstance(count, int):
@@ -170,9 +268,11 @@ class Moments:
     """Mergeable per-feature statistics: ``count``, ``mean``, ``m2`` (sum of squared deviations), ``min``, ``max``.
 
     ``count`` is an int, or an array broadcastable to ``mean`` where the count differs per
-    feature (a mask) or is known only at run time. ``min``/``max`` are None where not gathered
-    (``batch_moments``). ``a.merge(b)`` combines two sets with Chan's formula, exact to round-off
-    against the whole data; a set with count 0 is the identity of the merge.
+    feature (a mask) or is known only at run time. ``missing`` (None: none) is the per-feature
+    number of NaN among the ``count`` samples, which the statistics leave out (``from_array``);
+    ``observed = count - missing`` values per feature make them. ``min``/``max`` are None where
+    not gathered (``batch_moments``). ``a.merge(b)`` combines two sets with Chan's formula, exact
+    to round-off against the whole data; a set with no observed value is the identity of the merge.
     """
 
     count: Any
@@ -180,10 +280,17 @@ class Moments:
     m2: Any
     min: Any = None
     max: Any = None
+    missing: Any = None
 
     @classmethod
     def from_array(cls, x: Any, axis: int | None = -1) -> Moments:
-        """Statistics of ``x`` per feature along ``axis`` (None: one scalar over all of x), with min and max."""
+        """Statistics of ``x`` per feature along ``axis`` (None: one scalar over all of x), with min and max.
+
+        NaN is ignored, as scikit-learn's scalers do: ``count`` is the number of samples and
+        ``missing`` the number of NaN per feature among them; a feature with no value has mean 0,
+        m2 0, min +inf and max -inf (the identity of ``merge``). 1-D ``x`` with a feature axis
+        (one sample per feature) is refused.
+        """
         xp = array_namespace(("x", x))
         require_floating(xp, x)
         if axis is None:
@@ -191,28 +298,34 @@ class Moments:
         else:
             f = feature_axis(axis, x.ndim)
             axes = tuple(i for i in range(x.ndim) if i != f)
-        n = static_count(tuple(x.shape), axes)
-        if n is None:
-            raise ValueError("Moments.from_array needs x's shape to be known")
-        if n == 0:
-            raise ValueError(f"Moments.from_array got no values to reduce over (x has shape {tuple(x.shape)})")
+        samples_per_feature(x, axis, axes, "Moments.from_array")
         dtype = compute_dtype(xp, x.dtype)
         xc = x if x.dtype == dtype else xp.astype(x, dtype)
-        c = centered_moments(xp, xc, axes)
+        fit = fit_moments(xp, xc, axes)
         squeeze = (lambda a: xp.squeeze(a, axis=axes)) if axes else (lambda a: a)
+        scale, observed = squeeze(fit.scale), stop_gradient(xp, squeeze(fit.count))
+        rows: Any = static_count(tuple(x.shape), axes)
+        if rows is None:  # dask with unknown chunk sizes
+            rows = stop_gradient(xp, dynamic_count(xp, xc, axes))
         return cls(
-            count=n,
-            mean=squeeze(c.mean),
-            m2=squeeze(c.var) * n,
-            min=xp.min(xc, axis=axes) if axes else xc,
-            max=xp.max(xc, axis=axes) if axes else xc,
+            count=rows,
+            mean=squeeze(fit.mean) / scale,
+            m2=squeeze(fit.var) / scale / scale * observed,  # two divisions: scale**2 may overflow
+            min=squeeze(fit.min),
+            max=squeeze(fit.max),
+            missing=rows - observed,
         )
 
     @property
+    def observed(self) -> Any:
+        """Values per feature that the statistics hold: ``count - missing``."""
+        return self.count if self.missing is None else self.count - self.missing
+
+    @property
     def var(self) -> Any:
-        """Biased (population) variance, ``m2 / count`` (0 where count is 0)."""
+        """Biased (population) variance, ``m2 / observed`` (0 where nothing was observed)."""
         xp = array_namespace(("m2", self.m2))
-        return _safe_ratio(xp, self.m2, _as_count(xp, self.count, self.m2))
+        return _safe_ratio(xp, self.m2, _as_count(xp, self.observed, self.m2))
 
     @property
     def std(self) -> Any:
@@ -221,11 +334,12 @@ class Moments:
         return xp.sqrt(self.var)
 
     def unbiased_var(self, correction: int = 1) -> Any:
-        """Sample variance, ``m2 / (count - correction)``."""
-        if isinstance(self.count, int) and self.count <= correction:
-            raise ValueError(f"unbiased variance needs more than {correction} value(s) per feature, got {self.count}")
+        """Sample variance, ``m2 / (observed - correction)``."""
+        n = self.observed
+        if isinstance(n, int) and n <= correction:
+            raise ValueError(f"unbiased variance needs more than {correction} value(s) per feature, got {n}")
         xp = array_namespace(("m2", self.m2))
-        return _safe_ratio(xp, self.m2, _as_count(xp, self.count, self.m2) - correction)
+        return _safe_ratio(xp, self.m2, _as_count(xp, n, self.m2) - correction)
 
     def merge(self, other: Moments) -> Moments:
         """Statistics of the union of both data sets (Chan, Golub and LeVeque, 1979)."""
@@ -236,16 +350,25 @@ class Moments:
             raise ValueError(
                 f"cannot merge Moments of shape {tuple(self.mean.shape)} with Moments of shape {tuple(other.mean.shape)}"
             )
-        na, nb = _as_count(xp, self.count, self.mean), _as_count(xp, other.count, self.mean)
+        na, nb = _as_count(xp, self.observed, self.mean), _as_count(xp, other.observed, self.mean)
         n = na + nb
         delta = other.mean - self.mean
+        mean = self.mean + delta * _safe_ratio(xp, nb, n)
+        m2 = self.m2 + other.m2 + delta * delta * _safe_ratio(xp, na * nb, n)
+        # a side with nothing observed is the identity exactly (its mean 0 may be far away: inf * 0 is NaN)
+        mean, m2 = _unless_empty(xp, nb, self.mean, mean), _unless_empty(xp, nb, self.m2, m2)
+        mean, m2 = _unless_empty(xp, na, other.mean, mean), _unless_empty(xp, na, other.m2, m2)
         both = self.min is not None and other.min is not None
+        missing = None
+        if self.missing is not None or other.missing is not None:
+            missing = (0 if self.missing is None else self.missing) + (0 if other.missing is None else other.missing)
         return Moments(
-            count=n,
-            mean=self.mean + delta * _safe_ratio(xp, nb, n),
-            m2=self.m2 + other.m2 + delta * delta * _safe_ratio(xp, na * nb, n),
+            count=self.count + other.count,
+            mean=mean,
+            m2=m2,
             min=xp.minimum(self.min, other.min) if both else None,
             max=xp.maximum(self.max, other.max) if both else None,
+            missing=missing,
         )
 
     @classmethod

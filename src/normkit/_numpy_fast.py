@@ -21,8 +21,9 @@ _BLOCK = 64
 
 
 def applies(xp: Any, x: Any) -> bool:
-    """True for a C-contiguous NumPy array: the training forward then runs ``centered_moments``."""
-    return getattr(xp, "__name__", "") == "array_api_compat.numpy" and type(x) is np.ndarray and x.flags.c_contiguous
+    """True for a non-empty C-contiguous NumPy array: the training forward then runs ``centered_moments``."""
+    return (getattr(xp, "__name__", "") == "array_api_compat.numpy" and type(x) is np.ndarray
+            and x.flags.c_contiguous and x.size > 0)
 
 
 def centered_moments(xc: Any, f: int, count: int) -> Centered:

@@ -2,15 +2,21 @@
 
 standardize:   z = (x - mean) / std, std the population standard deviation; a constant feature gives 0.
 min_max_scale: y = lo + (x - min) / (max - min) * (hi - lo); a constant feature gives lo.
+
+Fitting follows scikit-learn: NaN is ignored when the statistics are fitted and kept in the
+output. Each feature is computed on ``x * scale``, ``scale`` an exact power of two that brings its
+largest magnitude near 1 (``fit_moments``), so subnormal data (whose squares underflow) and huge
+data (whose range or squares overflow) keep their answers. 1-D ``x`` with a feature axis is one
+sample per feature: fitting on it is refused, as scikit-learn refuses it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from normkit._moments import centered_moments
+from normkit._moments import fit_moments, power_of_two_scale, scalar_like
 from normkit._namespace import array_namespace
-from normkit._validate import as_param, compute_dtype, feature_axis, require_floating
+from normkit._validate import as_param, compute_dtype, feature_axis, require_floating, samples_per_feature
 
 __all__ = ["standardize", "min_max_scale"]
 
@@ -20,7 +26,6 @@ def _prepare(x: Any, axis: int | None, named: tuple, xp: Any) -> tuple:
         xp = array_namespace(("x", x), *named)
     require_floating(xp, x)
     if axis is None:
-        f = None
         axes = tuple(range(x.ndim))
         pshape: tuple = ()
         bshape: tuple = tuple(1 for _ in range(x.ndim))
@@ -47,8 +52,11 @@ def _stat(xp: Any, value: Any, name: str, pshape: tuple, bshape: tuple, dtype: A
 
 def _zero_to_one(xp: Any, a: Any) -> Any:
     """Replace exact zeros by 1 so a constant feature is left centered instead of divided by zero."""
-    one = xp.ones_like(a)
-    return xp.where(xp.equal(a, xp.zeros_like(a)), one, a)
+    return xp.where(xp.equal(a, xp.zeros_like(a)), xp.ones_like(a), a)
+
+
+def _back(xp: Any, y: Any, x: Any) -> Any:
+    return y if y.dtype == x.dtype else xp.astype(y, x.dtype)
 
 
 def standardize(
@@ -57,20 +65,29 @@ def standardize(
     """Z-scores of ``x`` per feature along ``axis``: ``(x - mean) / std`` with the population std.
 
     ``mean`` and ``std`` fitted earlier (e.g. ``Moments.mean`` and ``Moments.std`` on training data)
-    are used when given; otherwise both come from ``x``. A zero std is treated as 1.
+    are used when given; otherwise both come from ``x``, ignoring NaN (scikit-learn's rule: NaN
+    stays NaN in the output). A zero std is treated as 1; the gradient of a constant feature is
+    finite (0 through its std).
     """
     xp, axes, pshape, bshape, dtype, xc = _prepare(x, axis, (("mean", mean), ("std", std)), xp)
     m = _stat(xp, mean, "mean", pshape, bshape, dtype, x)
     s = _stat(xp, std, "std", pshape, bshape, dtype, x)
-    if m is None or s is None:
-        c = centered_moments(xp, xc, axes)
-        var = c.var
-        if m is None:
-            m = c.mean
-        if s is None:
-            s = xp.sqrt(var) if mean is None else xp.sqrt(xp.mean((xc - m) * (xc - m), axis=axes, keepdims=True))
-    y = (xc - m) / _zero_to_one(xp, s)
-    return y if y.dtype == x.dtype else xp.astype(y, x.dtype)
+    if m is not None and s is not None:
+        return _back(xp, (xc - m) / _zero_to_one(xp, s), x)
+    samples_per_feature(x, axis, axes, "standardize")
+    fit = fit_moments(xp, xc, axes)  # statistics of u = x * scale; z is the same on u as on x
+    if m is None:  # u - mean as centered - residual: the fitted mean is never rounded into the difference
+        d, var = fit.centered - fit.residual, fit.var
+    else:  # the root mean square deviation about the given mean, over the non-NaN values
+        d = xc * fit.scale - m * fit.scale
+        d0 = xp.where(xp.equal(d, d), d, xp.zeros_like(d))
+        var = xp.sum(d0 * d0, axis=axes, keepdims=True) / xp.maximum(fit.count, scalar_like(xp, 1.0, fit.count))
+    if s is None:
+        # where before sqrt, not after: sqrt's gradient at 0 is inf, and inf * 0 is NaN
+        sd = xp.sqrt(_zero_to_one(xp, var))
+    else:
+        sd = _zero_to_one(xp, s) * fit.scale
+    return _back(xp, d / sd, x)
 
 
 def min_max_scale(
@@ -85,7 +102,9 @@ def min_max_scale(
     """Scale ``x`` per feature along ``axis`` linearly onto ``feature_range``.
 
     ``data_min``/``data_max`` fitted earlier (e.g. ``Moments.min``/``Moments.max``) are used when
-    given; otherwise they come from ``x``. A constant feature maps to ``feature_range[0]``.
+    given; otherwise they come from ``x``, ignoring NaN (NaN stays NaN in the output). A constant
+    feature maps to ``feature_range[0]``. The range is computed on ``x * scale`` (a power of two),
+    so neither a range beyond the dtype's largest value nor subnormal data gives inf or NaN.
     """
     lo, hi = feature_range
     if not float(lo) < float(hi):
@@ -93,10 +112,19 @@ def min_max_scale(
     xp, axes, pshape, bshape, dtype, xc = _prepare(x, axis, (("data_min", data_min), ("data_max", data_max)), xp)
     dmin = _stat(xp, data_min, "data_min", pshape, bshape, dtype, x)
     dmax = _stat(xp, data_max, "data_max", pshape, bshape, dtype, x)
-    if dmin is None:
-        dmin = xp.min(xc, axis=axes, keepdims=True) if axes else xc
-    if dmax is None:
-        dmax = xp.max(xc, axis=axes, keepdims=True) if axes else xc
-    scale = (float(hi) - float(lo)) / _zero_to_one(xp, dmax - dmin)
-    y = (xc - dmin) * scale + float(lo)
-    return y if y.dtype == x.dtype else xp.astype(y, x.dtype)
+    if dmin is None or dmax is None:
+        samples_per_feature(x, axis, axes, "min_max_scale")
+        valid = xp.equal(xc, xc)
+        if dmin is None:
+            dmin = xp.min(xp.where(valid, xc, scalar_like(xp, float("inf"), xc)), axis=axes, keepdims=True)
+        if dmax is None:
+            dmax = xp.max(xp.where(valid, xc, scalar_like(xp, float("-inf"), xc)), axis=axes, keepdims=True)
+    scale = power_of_two_scale(xp, xp.maximum(xp.maximum(-dmin, dmin), xp.maximum(-dmax, dmax)))
+    low = dmin * scale
+    y = (xc * scale - low) / _zero_to_one(xp, dmax * scale - low)
+    width = float(hi) - float(lo)
+    if width != 1.0:
+        y = y * width
+    if float(lo) != 0.0:
+        y = y + float(lo)
+    return _back(xp, y, x)

@@ -56,7 +56,7 @@ def update_running_stats(
         if num_batches is None:
             raise ValueError("momentum=None (a cumulative average) needs num_batches, the number of batches averaged")
         momentum = 1.0 / num_batches if isinstance(num_batches, (int, float)) else 1.0 / xp.astype(num_batches, running_mean.dtype)
-    count = batch.count
+    count = batch.observed  # NaN left out by Moments.from_array does not count
     if isinstance(count, int) and count == 0:
         return running_mean, running_var
     mean = stop_gradient(xp, batch.mean)

@@ -21,6 +21,7 @@ __all__ = [
     "mask_weights",
     "two_or_more_values",
     "require_floating_state",
+    "samples_per_feature",
 ]
 
 
@@ -61,7 +62,10 @@ def reduce_axes(axis: int | tuple[int, ...] | list[int] | None, ndim: int, *, na
 
 
 def require_floating(xp: Any, x: Any, name: str = "x") -> None:
-    """Refuse integer, boolean and complex input: normalization is defined on real floats only."""
+    """Refuse non-arrays and integer, boolean and complex input: normalization is defined on real floats only."""
+    if not is_array(x):
+        got = "None" if x is None else type(x).__name__
+        raise TypeError(f"{name} must be an array, got {got}")
     if not xp.isdtype(x.dtype, "real floating"):
         raise TypeError(
             f"{name} must have a real floating dtype (float16, bfloat16, float32 or float64), got {x.dtype}; "
@@ -102,14 +106,34 @@ def as_param(xp: Any, value: Any, name: str, shape: tuple, dtype: Any, like: Any
 
 
 def static_count(shape: tuple, axes: tuple[int, ...]) -> int | None:
-    """Number of elements reduced over ``axes``, or None when a reduced dimension is unknown."""
+    """Number of elements reduced over ``axes``, or None when a reduced dimension is unknown.
+
+    Unknown is None (tf.function, KerasTensor) or NaN (dask after boolean indexing).
+    """
     n = 1
     for a in axes:
         d = shape[a]
-        if d is None:
+        if d is None or d != d:
             return None
         n = n * int(d)
     return n
+
+
+def samples_per_feature(x: Any, axis: int | None, axes: tuple[int, ...], what: str) -> None:
+    """Fitting statistics per feature needs a sample axis: refuse 1-D input and zero samples, naming both.
+
+    A 1-D ``x`` with a feature axis holds one sample per feature (every z-score would be 0), as
+    scikit-learn refuses it; ``axis=None`` (statistics over all of ``x``) takes any rank.
+    """
+    shape = _shape(x)
+    if axis is not None and x.ndim < 2:
+        raise ValueError(
+            f"{what} expects x with a sample axis and a feature axis (rank >= 2), got x of shape {shape} with "
+            f"axis={axis}: that is one sample per feature. Use x[:, None] for one feature, x[None, :] for one "
+            "sample, or axis=None for statistics over all of x"
+        )
+    if static_count(shape, axes) == 0:
+        raise ValueError(f"{what} got no samples: x has shape {shape} and the reduced axes {axes} hold no values")
 
 
 def _real_number(value: Any, name: str, expected: str) -> float:

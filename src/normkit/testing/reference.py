@@ -1,10 +1,24 @@
-"""Plain float64 NumPy references, written to be read at a glance. Not fast, not clever: the definition."""
+"""Plain float64 NumPy references, written to be read at a glance. Not fast, not clever: the definition.
+
+The forward references compute in float64, or in ``np.longdouble`` when given it: float64 results
+(whose own round-off the float64 reference shares) are checked against the wider type.
+"""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
-__all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm", "standardize", "min_max_scale"]
+__all__ = [
+    "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm", "standardize", "min_max_scale", "moments",
+]
+
+
+def _float(x) -> np.ndarray:
+    """``x`` as float64, or as ``np.longdouble`` if it is one already."""
+    x = np.asarray(x)
+    return x if x.dtype == np.longdouble else np.asarray(x, np.float64)
 
 
 def _other_axes(ndim: int, axis: int) -> tuple[int, ...]:
@@ -20,7 +34,7 @@ def _per_feature(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, *, training=False,
                momentum=0.1, eps=1e-5, axis=1, correction=1, mask=None):
     """Returns (y, new_running_mean, new_running_var), all float64."""
-    x = np.asarray(x, np.float64)
+    x = _float(x)
     axes = _other_axes(x.ndim, axis)
     if training:
         if mask is None:
@@ -48,7 +62,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, *
 
 def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5):
     """Normalize over ``axis`` (int or tuple) per sample; weight/bias shaped like x along axis."""
-    x = np.asarray(x, np.float64)
+    x = _float(x)
     axes = tuple(a % x.ndim for a in np.atleast_1d(axis))
     mean = x.mean(axis=axes, keepdims=True)
     var = x.var(axis=axes, keepdims=True)
@@ -63,7 +77,7 @@ def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5):
 
 def group_norm(x, num_groups, weight=None, bias=None, *, axis=1, eps=1e-5):
     """Per sample and group of consecutive channels along ``axis``."""
-    x = np.asarray(x, np.float64)
+    x = _float(x)
     c_axis = axis % x.ndim
     xm = np.moveaxis(x, c_axis, 1)
     n, c = xm.shape[:2]
@@ -79,13 +93,13 @@ def group_norm(x, num_groups, weight=None, bias=None, *, axis=1, eps=1e-5):
 
 def instance_norm(x, weight=None, bias=None, *, axis=1, eps=1e-5):
     """Group norm with one channel per group."""
-    x = np.asarray(x, np.float64)
+    x = _float(x)
     return group_norm(x, x.shape[axis % x.ndim], weight, bias, axis=axis, eps=eps)
 
 
 def rms_norm(x, weight=None, *, axis=-1, eps=1e-6):
     """x / sqrt(mean(x**2) + eps) * weight over ``axis``."""
-    x = np.asarray(x, np.float64)
+    x = _float(x)
     axes = tuple(a % x.ndim for a in np.atleast_1d(axis))
     y = x / np.sqrt((x**2).mean(axis=axes, keepdims=True) + eps)
     if weight is not None:
@@ -94,22 +108,49 @@ def rms_norm(x, weight=None, *, axis=-1, eps=1e-6):
     return y
 
 
+def _nan_stats(x, axes):
+    """mean and population std over ``axes`` ignoring NaN (NaN where nothing is left); std 0 where all values are equal."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN feature: "Mean of empty slice"
+        mean = np.nanmean(x, axis=axes, keepdims=True)
+        std = np.nanstd(x, axis=axes, keepdims=True)
+        constant = np.nanmax(x, axis=axes, keepdims=True) == np.nanmin(x, axis=axes, keepdims=True)
+    return mean, np.where(constant, 0.0, std)  # np.std of equal values can be 1e-17, not 0
+
+
 def standardize(x, *, axis=-1):
-    """(x - mean) / population std per feature; a constant feature gives 0."""
-    x = np.asarray(x, np.float64)
+    """(x - mean) / population std per feature; NaN ignored by the statistics, kept in the output; a constant feature gives 0."""
+    x = _float(x)
     axes = _other_axes(x.ndim, axis) if axis is not None else None
-    std = x.std(axis=axes, keepdims=True)
-    return (x - x.mean(axis=axes, keepdims=True)) / np.where(std == 0, 1.0, std)
+    mean, std = _nan_stats(x, axes)
+    return (x - mean) / np.where(std == 0, 1.0, std)
 
 
 def min_max_scale(x, *, axis=-1, feature_range=(0.0, 1.0)):
-    """lo + (x - min) / (max - min) * (hi - lo) per feature; a constant feature gives lo."""
-    x = np.asarray(x, np.float64)
+    """lo + (x - min) / (max - min) * (hi - lo) per feature, NaN ignored by min and max; a constant feature gives lo."""
+    x = _float(x)
     axes = _other_axes(x.ndim, axis) if axis is not None else None
     lo, hi = feature_range
-    mn, mx = x.min(axis=axes, keepdims=True), x.max(axis=axes, keepdims=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN feature: "All-NaN slice encountered"
+        mn, mx = np.nanmin(x, axis=axes, keepdims=True), np.nanmax(x, axis=axes, keepdims=True)
     span = np.where(mx == mn, 1.0, mx - mn)
     return lo + (x - mn) / span * (hi - lo)
+
+
+def moments(x, *, axis=-1):
+    """Per-feature (count, mean, biased var, min, max) of ``x`` along feature ``axis`` (None: all of x), NaN ignored.
+
+    A feature with no value has count 0, mean 0, var 0, min +inf and max -inf (the identities of a merge).
+    """
+    x = _float(x)
+    axes = _other_axes(x.ndim, axis) if axis is not None else tuple(range(x.ndim))
+    valid = ~np.isnan(x)
+    count = valid.sum(axis=axes).astype(np.float64)
+    mean, std = _nan_stats(x, axes)
+    empty = count == 0
+    return (count, np.where(empty, 0.0, mean.squeeze(axes)), np.where(empty, 0.0, std.squeeze(axes) ** 2),
+            np.where(valid, x, np.inf).min(axis=axes), np.where(valid, x, -np.inf).max(axis=axes))
 
 
 def _centered_norm_grad(x, g, axes, eps):
