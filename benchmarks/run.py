@@ -80,71 +80,7 @@ def ratio(res: dict, num: str, den: str) -> float:
 # ---------------------------------------------------------------- torch: benchmarks/bench_torch.py
 
 
-# ---------------------------------------------------------------- keras on TensorFlow
-
-
-def part_keras(rounds: int) -> list[dict]:
-    import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-    import keras
-
-    try:
-        import normkit_keras
-        from normkit_keras import BatchNormalization as NkBN
-    except Exception as exc:  # noqa: BLE001
-        return [dict(part="keras", config="all", impl="normkit_keras not importable", error=repr(exc))]
-
-    shapes = [("conv 32x56x56x64 NHWC", (32, 56, 56, 64)), ("conv 8x28x28x256 NHWC", (8, 28, 28, 256)),
-              ("dense 256x1024", (256, 1024)), ("dense 4096x64", (4096, 64)), ("seq 32x128x64 NLC", (32, 128, 64)),
-              ("small 16x8x8x16 NHWC", (16, 8, 8, 16))]
-    rows = []
-    for name, shape in shapes:
-        x = tf.random.normal(shape) * 2 + 1
-        dy = tf.random.normal(shape)
-        # "normkit": the default policy (the kernel the plugin chose); "core": the generic core path
-        layers = {"native": keras.layers.BatchNormalization(), "normkit": NkBN(), "core": NkBN()}
-        fns = {"sum": tf.function(lambda: tf.reduce_sum(x)), "copy": tf.function(lambda: tf.identity(x) + 0.0)}
-        for k, layer in layers.items():
-            layer.build(shape)
-
-            def call(layer, training, policy="core" if k == "core" else "auto"):
-                previous = normkit_keras.set_kernel_policy(policy)  # read while tracing
-                try:
-                    return layer(x, training=training)
-                finally:
-                    normkit_keras.set_kernel_policy(previous)
-
-            @tf.function
-            def fwd(layer=layer, call=call):
-                return call(layer, True)
-
-            @tf.function
-            def ev(layer=layer, call=call):
-                return call(layer, False)
-
-            @tf.function
-            def fb(layer=layer, call=call):
-                with tf.GradientTape() as tape:
-                    tape.watch(x)
-                    y = call(layer, True)
-                return tape.gradient(y, [x, *[v.value for v in layer.trainable_variables]], output_gradients=dy)
-
-            fns[f"{k}/fwd"], fns[f"{k}/eval"], fns[f"{k}/fb"] = (
-                lambda f=fwd: f().numpy(), lambda f=ev: f().numpy(), lambda f=fb: [g.numpy() for g in f()])
-        res = interleaved(fns, rounds)
-        chosen = {f.__name__ for f in (layers["normkit"].__dict__.get("_normkit_kernels") or {}).values() if f}
-        for k, impl, kernel in (("normkit", "normkit_keras", ", ".join(sorted(chosen)) or "core"),
-                                ("core", "normkit_keras (core policy)", "core")):
-            rows.append(dict(
-                part="keras", config=name, impl=impl, kernel=kernel,
-                fwd=ratio(res, f"{k}/fwd", "native/fwd"), eval=ratio(res, f"{k}/eval", "native/eval"),
-                fb=ratio(res, f"{k}/fb", "native/fb"),
-                ms=dict(fwd=res[f"{k}/fwd"][0] * 1e3, eval=res[f"{k}/eval"][0] * 1e3, fb=res[f"{k}/fb"][0] * 1e3),
-                native_ms=dict(fwd=res["native/fwd"][0] * 1e3, eval=res["native/eval"][0] * 1e3, fb=res["native/fb"][0] * 1e3),
-            ))
-    return rows
+# ---------------------------------------------------------------- keras (TensorFlow, JAX, functional): benchmarks/bench_keras.py
 
 
 # ---------------------------------------------------------------- numpy
@@ -222,7 +158,7 @@ def part_jax(rounds: int) -> list[dict]:
     return rows
 
 
-PARTS = {"keras": part_keras, "numpy": part_numpy, "jax": part_jax}
+PARTS = {"numpy": part_numpy, "jax": part_jax}
 
 
 # ---------------------------------------------------------------- report
@@ -259,18 +195,9 @@ def table(rows: list[dict]) -> str:
     import bench_torch
 
     out = [bench_torch.table(rows)]
-    out += ["", "### Keras 3 on TensorFlow (inside tf.function): normkit_keras / keras.layers.BatchNormalization", "",
-            "| shape | impl: training kernel | fwd train | eval fwd | fwd+bwd | normkit ms fwd / eval / fwd+bwd | keras ms |",
-            "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["part"] == "keras":
-            if "error" in r:
-                out.append(f"| {r['config']} | {r['impl']}: {r['error'][:120]} | | | | | |")
-                continue
-            impl = f"{r['impl']}: {r['kernel']}" if r.get("kernel") else r["impl"]
-            out.append(f"| {r['config']} | {impl} | {fmt(r['fwd'])}x | {fmt(r['eval'])}x | {fmt(r['fb'])}x | "
-                       f"{r['ms']['fwd']:.2f} / {r['ms']['eval']:.2f} / {r['ms']['fb']:.2f} | "
-                       f"{r['native_ms']['fwd']:.2f} / {r['native_ms']['eval']:.2f} / {r['native_ms']['fb']:.2f} |")
+    import bench_keras
+
+    out += [bench_keras.table(rows)]
     out += ["", "### numpy: normkit.batch_norm / bandwidth floor (one sum + one copy of x)", "",
             "| shape | train fwd / floor | eval fwd / floor | ms train / eval | floor ms |", "|---|---|---|---|---|"]
     for r in rows:
@@ -293,12 +220,13 @@ def goals(rows: list[dict]) -> str:
                 if r["part"] == part and key in r and (impl is None or r["impl"] == impl) and pred(r)]
         return max(vals) if vals else None
 
+    import bench_keras
     import bench_torch
 
     conv = lambda r: r["config"].startswith("conv")  # noqa: E731
     checks = [
         *bench_torch.goals(rows),
-        ("keras-on-TF fwd+bwd <= 0.5x keras BN", worst("keras", "fb", "normkit_keras"), 0.5),
+        *bench_keras.goals(rows),
         ("numpy train fwd <= 3x bandwidth floor, conv shapes", worst("numpy", "train_over_floor", None, conv), 3.0),
         ("jax fwd+bwd <= 1.0x hand-written", worst("jax", "fb"), 1.0),
         ("jax fwd train <= 1.0x hand-written", worst("jax", "fwd"), 1.0),
@@ -343,6 +271,10 @@ def main() -> None:
             import bench_torch
 
             got = bench_torch.collect(rounds, args.quick)
+        elif part == "keras":
+            import bench_keras
+
+            got = bench_keras.collect(rounds, args.quick)
         else:
             got = run_part(part, rounds)
         print(f"[{part}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr)
