@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import normkit as nk
+from normkit.testing import reference
 
 
 @pytest.fixture
@@ -79,3 +80,41 @@ def test_constant_feature_gives_zero_not_nan():
     out = nk.batch_norm(x, np.zeros(3, "float32"), np.ones(3, "float32"), training=True)
     assert np.isfinite(out.output).all() and (out.output == 0).all()
     assert np.isfinite(out.running_var).all()
+
+
+@pytest.mark.parametrize("value,got", [([[1.0, 2.0], [3.0, 4.0]], "list"), ("abc", "str"), (None, "None"),
+                                       (object(), "object"), (3.0, "float")])
+@pytest.mark.parametrize("fn", ["standardize", "min_max_scale", "batch_norm", "layer_norm", "from_array"])
+def test_x_that_is_not_an_array_is_named_with_its_type(value, got, fn):
+    """3431f07 said "normkit needs at least one array; got only Python scalars or None" for all of these."""
+    f = nk.Moments.from_array if fn == "from_array" else getattr(nk, fn)
+    with pytest.raises(TypeError, match=rf"^x must be an array of numpy, torch, jax, .*; got {got}$"):
+        f(value)
+
+
+def test_x_that_is_not_an_array_is_named_even_with_xp_given():
+    from array_api_compat import numpy as xp
+
+    with pytest.raises(TypeError, match="x must be an array, got list"):
+        nk.standardize([[1.0, 2.0]], xp=xp)
+
+
+def test_numpy_masked_array_is_refused_with_the_ways_to_pass_its_mask():
+    """3431f07 dropped a whole feature for one masked value, e746bf1 ignored the mask: both wrong statistics."""
+    x = np.ma.masked_array(np.arange(12.0).reshape(4, 3), mask=np.zeros((4, 3), bool))
+    x.mask[0, 0] = True
+    for call in (lambda: nk.standardize(x), lambda: nk.Moments.from_array(x), lambda: nk.batch_norm(x, training=True),
+                 lambda: nk.batch_norm(np.ones((4, 3)), weight=np.ma.ones(3), training=True)):
+        with pytest.raises(TypeError, match=r"is a numpy masked array .*x.filled\(np.nan\).*mask="):
+            call()
+    # what the message proposes works, and uses the mask
+    z = nk.standardize(x.filled(np.nan))
+    np.testing.assert_allclose(z[1:, 0], reference.standardize(x.data[1:, :1])[:, 0])
+
+
+def test_numpy_matrix_is_refused():
+    """3431f07: TypeError: matrix.mean() got an unexpected keyword argument 'keepdims'."""
+    with pytest.raises(TypeError, match=r"x is a np.matrix, .* pass np.asarray\(x\)"):
+        nk.standardize(np.matrix(np.arange(12.0).reshape(4, 3)))
+    with pytest.raises(TypeError, match=r"weight is a np.matrix"):
+        nk.batch_norm(np.ones((4, 3)), weight=np.matrix(np.ones(3)), training=True)

@@ -19,8 +19,9 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def normkit_array_namespace(array: Any) -> Any | None:
     """Return an Array API namespace for ``array``, or None if this plugin does not serve its type.
 
-    Asked once per array type (the answer is cached), only for types normkit does not know
-    directly (numpy, torch, jax are checked first; array-api-compat is asked last).
+    Asked once per array type (the answer is cached), only for types neither normkit (numpy,
+    torch, jax) nor array-api-compat knows. Read a library from ``sys.modules`` only through
+    ``normkit.plugin.manager.imported_module``: another thread may still be importing it.
     """
 
 
