@@ -1,30 +1,45 @@
 """The one PluginManager: built on first use, thread-safe, loads entry points of group ``normkit``.
 
-A plugin that fails to import is named in a warning with the reason and skipped, unless
-``NORMKIT_STRICT_PLUGINS=1`` is set, in which case the error propagates (CI sets it).
+A plugin that fails, at import or in a hook at call time, is named (plugin, hook, reason) and
+skipped, so normkit and every other plugin keep working: a ``PluginLoadWarning``, or with
+``NORMKIT_STRICT_PLUGINS=1`` (CI) a ``PluginError`` raised once, at the first call that meets the
+failure. After that error the failing plugin (at import) or hook (at call time) stays out of
+the way, so one bad plugin never disables a healthy one.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import threading
 import warnings
 from importlib.metadata import entry_points
 from types import ModuleType
+from typing import Any, Callable
 
 import pluggy
 
+from normkit._namespace import imported_module
 from normkit.plugin import spec
 
-__all__ = ["plugin_manager", "frameworks", "framework", "strict", "PluginLoadWarning"]
+__all__ = [
+    "plugin_manager", "frameworks", "framework", "strict", "register", "unregister", "kernel", "failures",
+    "imported_module", "PluginLoadWarning", "PluginError",
+]
 
 _LOCK = threading.RLock()
 _MANAGER: pluggy.PluginManager | None = None
+_DISABLED: set[tuple[str, str]] = set()  # (plugin, hook) that raised in strict mode: skipped since
+_FAILURES: list[tuple[str, str, BaseException]] = []
 
 
 class PluginLoadWarning(UserWarning):
-    """A normkit plugin could not be loaded and was skipped."""
+    """A normkit plugin could not be loaded, or one of its hooks raised; it was skipped."""
+
+
+class PluginError(RuntimeError):
+    """Strict mode (``NORMKIT_STRICT_PLUGINS=1``): a normkit plugin failed to load or a hook raised."""
 
 
 def strict() -> bool:
@@ -32,7 +47,53 @@ def strict() -> bool:
     return os.environ.get("NORMKIT_STRICT_PLUGINS", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def _load_entry_points(pm: pluggy.PluginManager) -> None:
+def failures() -> list[tuple[str, str, BaseException]]:
+    """``(plugin, hook or "load", exception)`` of every plugin failure seen in this process."""
+    return list(_FAILURES)
+
+
+def _hook_failed(plugin: str, hook: str, exc: Exception) -> None:
+    _FAILURES.append((plugin, hook, exc))
+    message = f"normkit plugin {plugin!r}: its hook {hook}() raised {exc!r}"
+    if strict():
+        _DISABLED.add((plugin, hook))
+        raise PluginError(f"{message} (NORMKIT_STRICT_PLUGINS is set; the hook is skipped from now on)") from exc
+    warnings.warn(f"{message}; skipped", PluginLoadWarning, stacklevel=4)
+
+
+def _guard(function: Callable[..., Any], plugin: str, hook: str) -> Callable[..., Any]:
+    """``function`` that reports its exceptions by plugin and hook and answers None ("no answer") instead."""
+
+    @functools.wraps(function)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        if (plugin, hook) in _DISABLED:
+            return None
+        try:
+            return function(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any failure of a third party's hook
+            _hook_failed(plugin, hook, exc)
+            return None
+
+    return guarded
+
+
+class _Manager(pluggy.PluginManager):
+    """pluggy's manager whose every hook implementation is guarded (``_guard``) as it is registered."""
+
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        name = super().register(plugin, name)
+        if name is None:
+            return None
+        for caller in self.get_hookcallers(plugin) or ():
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper):
+                    impl.function = _guard(impl.function, name, caller.name)  # type: ignore[misc]
+        return name
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> list[str]:
+    """Register every installed plugin that imports; returns the failures' descriptions."""
+    failed = []
     for ep in entry_points(group=spec.PROJECT):
         if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
             continue
@@ -40,27 +101,31 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
             plugin = ep.load()
             pm.register(plugin, name=ep.name)
         except Exception as exc:  # noqa: BLE001 - any failure of a third party's import
-            if strict():
-                raise RuntimeError(f"normkit plugin {ep.name!r} ({ep.value}) failed to load: {exc!r}") from exc
-            warnings.warn(
-                f"normkit plugin {ep.name!r} ({ep.value}) failed to load and is skipped: {exc!r}",
-                PluginLoadWarning,
-                stacklevel=2,
-            )
+            _FAILURES.append((ep.name, "load", exc))
+            failed.append(f"normkit plugin {ep.name!r} ({ep.value}) failed to load: {exc!r}")
+            if not strict():
+                warnings.warn(f"{failed[-1]}; it is skipped", PluginLoadWarning, stacklevel=3)
+    return failed
 
 
 def plugin_manager() -> pluggy.PluginManager:
-    """The process-wide manager, with the built-in hookimpls and every installed plugin registered."""
+    """The process-wide manager, with the built-in hookimpls and every installed plugin registered.
+
+    In strict mode a plugin that failed to load raises ``PluginError`` here once, after every
+    healthy plugin is registered; later calls return the manager.
+    """
     global _MANAGER
     pm = _MANAGER
     if pm is not None:
         return pm
     with _LOCK:
         if _MANAGER is None:
-            pm = pluggy.PluginManager(spec.PROJECT)
+            pm = _Manager(spec.PROJECT)
             pm.add_hookspecs(spec)
-            _load_entry_points(pm)
+            failed = _load_entry_points(pm)
             _MANAGER = pm
+            if failed and strict():
+                raise PluginError("; ".join(failed) + " (NORMKIT_STRICT_PLUGINS is set)")
         return _MANAGER
 
 
@@ -84,7 +149,10 @@ def register(plugin: object, name: str | None = None) -> str | None:
 def unregister(plugin: object) -> None:
     """Undo ``register``."""
     with _LOCK:
-        plugin_manager().unregister(plugin)
+        pm = plugin_manager()
+        name = pm.get_name(plugin)
+        pm.unregister(plugin)
+        _DISABLED.difference_update({key for key in _DISABLED if key[0] == name})
         _forget_answers()
 
 
