@@ -105,11 +105,13 @@ def test_numpy_masked_array_is_refused_with_the_ways_to_pass_its_mask():
     x.mask[0, 0] = True
     for call in (lambda: nk.standardize(x), lambda: nk.Moments.from_array(x), lambda: nk.batch_norm(x, training=True),
                  lambda: nk.batch_norm(np.ones((4, 3)), weight=np.ma.ones(3), training=True)):
-        with pytest.raises(TypeError, match=r"is a numpy masked array .*x.filled\(np.nan\).*mask="):
+        with pytest.raises(TypeError, match=r"is a numpy masked array .*x.filled\(np.nan\).*x.data with mask=~x.mask"):
             call()
     # what the message proposes works, and uses the mask
     z = nk.standardize(x.filled(np.nan))
     np.testing.assert_allclose(z[1:, 0], reference.standardize(x.data[1:, :1])[:, 0])
+    out = nk.batch_norm(x.data, np.zeros(3), np.ones(3), training=True, mask=~x.mask, momentum=1.0)
+    np.testing.assert_allclose(out.running_mean, [x.data[1:, 0].mean(), x.data[:, 1].mean(), x.data[:, 2].mean()])
 
 
 def test_numpy_matrix_is_refused():

@@ -125,8 +125,10 @@ def batch_norm(
     the Bessel correction of the batch variance folded into ``running_var`` (1: torch's unbiased
     convention; 0: Keras's biased one). ``mask`` (rank ``ndim - 1``, True where a position counts)
     excludes positions from the statistics. ``allow_single_value`` lets one value per feature
-    train (Keras's behaviour: the output is then ``bias``) instead of raising. Inputs are never
-    mutated; running statistics come back as new arrays. On arrays a plugin serves with a fused
+    train (Keras's behaviour: the output is then ``bias``) instead of raising; a feature with no
+    counted position leaves its running statistics as they were. NaN propagates as in torch (to its
+    feature's output and statistics); a NumPy masked array is refused (pass ``x.data`` with
+    ``mask=~x.mask``). Inputs are never mutated; running statistics come back as new arrays. On arrays a plugin serves with a fused
     kernel (torch, TensorFlow) the kernel computes where the arguments fit its contract.
     """
     if xp is None:

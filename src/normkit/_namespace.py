@@ -78,8 +78,8 @@ def _refuse_ndarray_subclass(a: object) -> None:
     if isinstance(a, np.ma.MaskedArray):
         raise _Refused(
             "is a numpy masked array (np.ma.MaskedArray), whose mask normkit would not see: pass "
-            "x.filled(np.nan) to standardize, min_max_scale or Moments (they ignore NaN), or the data "
-            "with a mask= (True where a value counts) to batch_norm / batch_moments"
+            "x.filled(np.nan) to standardize, min_max_scale or Moments (they ignore NaN), or x.data "
+            "with mask=~x.mask to batch_norm / batch_moments"
         )
     if isinstance(a, np.matrix):
         raise _Refused("is a np.matrix, which keeps two dimensions through every reduction: pass np.asarray(x)")
@@ -184,6 +184,8 @@ def array_namespace(*named: tuple[str, Any]) -> Any:
     ``named`` holds ``(argument_name, value)`` pairs so that an error can name the argument whose
     library differs from the first array's: normkit never copies across libraries or devices.
     The first pair is the function's input and must be an array; the others may be None or scalars.
+    NumPy masked arrays and ``np.matrix`` are refused (reductions would ignore the mask or keep
+    two dimensions), naming the argument and what to pass instead.
     """
     found: Any = None
     first_name = first_value = None

@@ -66,8 +66,8 @@ def standardize(
 
     ``mean`` and ``std`` fitted earlier (e.g. ``Moments.mean`` and ``Moments.std`` on training data)
     are used when given; otherwise both come from ``x``, ignoring NaN (scikit-learn's rule: NaN
-    stays NaN in the output). A zero std is treated as 1; the gradient of a constant feature is
-    finite (0 through its std).
+    stays NaN in the output; pass a NumPy masked array as ``x.filled(np.nan)``). A zero std is
+    treated as 1; the gradient of a constant feature is finite (0 through its std).
     """
     xp, axes, pshape, bshape, dtype, xc = _prepare(x, axis, (("mean", mean), ("std", std)), xp)
     m = _stat(xp, mean, "mean", pshape, bshape, dtype, x)
@@ -102,7 +102,8 @@ def min_max_scale(
     """Scale ``x`` per feature along ``axis`` linearly onto ``feature_range``.
 
     ``data_min``/``data_max`` fitted earlier (e.g. ``Moments.min``/``Moments.max``) are used when
-    given; otherwise they come from ``x``, ignoring NaN (NaN stays NaN in the output). A constant
+    given; otherwise they come from ``x``, ignoring NaN (NaN stays NaN in the output; pass a NumPy
+    masked array as ``x.filled(np.nan)``). A constant
     feature maps to ``feature_range[0]``. The range is computed on ``x * scale`` (a power of two),
     so neither a range beyond the dtype's largest value nor subnormal data gives inf or NaN.
     """
