@@ -12,9 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from normkit._moments import Centered
-
-__all__ = ["applies", "centered_moments", "scale_shift_in_place"]
+__all__ = ["applies", "centered_moments", "fit_moments", "nan_min_max", "min_max_in_place", "scale_shift_in_place"]
 
 _VECDOT_MIN_RUN = 256
 _BLOCK = 64
@@ -34,6 +32,7 @@ def centered_moments(xc: Any, f: int, count: int) -> Centered:
     without a second temporary: with runs of >= 256 values per feature (NCHW images) by a BLAS
     dot per run (``vecdot``), about ten times faster than ``mean(c * c)``; otherwise by ``einsum``.
     """
+    from normkit._moments import Centered  # here: _moments dispatches to this module
     outer = 1
     for d in xc.shape[:f]:
         outer *= int(d)
@@ -85,4 +84,57 @@ def scale_shift_in_place(centered: Any, scale: Any, bias: Any) -> Any:
     y = np.multiply(centered, scale, out=centered)
     if bias is not None:
         np.add(y, bias, out=y)
+    return y
+
+
+def fit_moments(x: Any, axes: tuple[int, ...]) -> Any:
+    """``_moments.Fitted`` of a NumPy array (NaN ignored, exact power-of-two scale), two full-size temporaries.
+
+    The algorithm of ``_moments.fit_moments``; NaN is left out by the reductions' ``where=`` mask
+    instead of a ``where`` copy, the scale comes from ``frexp``, and the centring happens in place
+    on ``x * scale`` (our own temporary, which ``standardize`` then scales in place).
+    """
+    from normkit._moments import Fitted  # here: _moments dispatches to this module
+
+    valid = np.equal(x, x)
+    mask = {} if valid.all() else {"where": valid}  # eager NumPy: masked reductions only where NaN is
+    lo, hi = nan_min_max(x, axes, bool(mask))
+    magnitude = np.maximum(-lo, hi)
+    _, exponent = np.frexp(np.where(np.isfinite(magnitude) & (magnitude > 0), magnitude, 1))
+    limit = -np.finfo(x.dtype).minexp - 1  # 2**limit and 2**-limit are normal numbers
+    scale = np.ldexp(np.ones_like(magnitude), np.clip(1 - exponent, -limit, limit))  # magnitude * scale in [1, 2)
+    if mask:
+        count = np.add.reduce(valid, axis=axes, keepdims=True, dtype=x.dtype)
+    else:
+        count = np.full(lo.shape, valid.size // lo.size, dtype=x.dtype)
+    total = np.maximum(count, 1)
+    wide = np.float64 if x.dtype == np.float32 else x.dtype  # numpy sums across rows naively
+    centered = np.multiply(x, scale)
+    first = (np.add.reduce(centered, axis=axes, keepdims=True, dtype=wide, **mask) / total).astype(x.dtype)
+    np.subtract(centered, first, out=centered)
+    residual = np.add.reduce(centered, axis=axes, keepdims=True, **mask) / total
+    square = np.multiply(centered, centered)
+    square = (np.add.reduce(square, axis=axes, keepdims=True, dtype=wide, **mask) / total).astype(x.dtype)
+    var = np.maximum(square - residual * residual, 0).astype(x.dtype)
+    return Fitted(count, first + residual, var, lo, hi, scale, centered, residual)
+
+
+def nan_min_max(x: Any, axes: tuple[int, ...], has_nan: bool = True) -> tuple[Any, Any]:
+    """Per-feature min and max over ``axes`` (keepdims) ignoring NaN; +inf/-inf for a feature with no value."""
+    if not has_nan:
+        return np.min(x, axis=axes, keepdims=True), np.max(x, axis=axes, keepdims=True)
+    lo = np.fmin.reduce(x, axis=axes, keepdims=True)  # NaN only where a feature has no value
+    hi = np.fmax.reduce(x, axis=axes, keepdims=True)
+    return np.where(np.isnan(lo), np.inf, lo).astype(x.dtype), np.where(np.isnan(hi), -np.inf, hi).astype(x.dtype)
+
+
+def min_max_in_place(x: Any, scale: Any, low: Any, span: Any, width: float, lo: float) -> Any:
+    """``(x * scale - low) / span * width + lo`` on one temporary of ours (subtraction before division)."""
+    y = np.multiply(x, scale)
+    np.subtract(y, low, out=y)
+    np.divide(y, span, out=y)
+    if width != 1.0:
+        np.multiply(y, width, out=y)
+    if lo != 0.0:
+        np.add(y, lo, out=y)
     return y

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from normkit import _numpy_fast as numpy_fast
 from normkit._moments import fit_moments, power_of_two_scale, scalar_like
 from normkit._namespace import array_namespace
 from normkit._validate import as_param, compute_dtype, feature_axis, require_floating, samples_per_feature
@@ -76,18 +77,24 @@ def standardize(
         return _back(xp, (xc - m) / _zero_to_one(xp, s), x)
     samples_per_feature(x, axis, axes, "standardize")
     fit = fit_moments(xp, xc, axes)  # statistics of u = x * scale; z is the same on u as on x
-    if m is None:  # u - mean as centered - residual: the fitted mean is never rounded into the difference
-        d, var = fit.centered - fit.residual, fit.var
+    if m is None:
+        var = fit.var
     else:  # the root mean square deviation about the given mean, over the non-NaN values
         d = xc * fit.scale - m * fit.scale
-        d0 = xp.where(xp.equal(d, d), d, xp.zeros_like(d))
+        d0 = xp.where(xp.equal(d, d), d, scalar_like(xp, 0.0, d))
         var = xp.sum(d0 * d0, axis=axes, keepdims=True) / xp.maximum(fit.count, scalar_like(xp, 1.0, fit.count))
     if s is None:
         # where before sqrt, not after: sqrt's gradient at 0 is inf, and inf * 0 is NaN
         sd = xp.sqrt(_zero_to_one(xp, var))
     else:
         sd = _zero_to_one(xp, s) * fit.scale
-    return _back(xp, d / sd, x)
+    if m is not None:
+        return _back(xp, d / sd, x)
+    # u - mean as centered - residual: the fitted mean is never rounded into the difference
+    if numpy_fast.applies(xp, fit.centered):  # fit.centered is our own temporary: scaled in place
+        inv = 1.0 / sd
+        return _back(xp, numpy_fast.scale_shift_in_place(fit.centered, inv, -fit.residual * inv), x)
+    return _back(xp, (fit.centered - fit.residual) / sd, x)
 
 
 def min_max_scale(
@@ -113,19 +120,26 @@ def min_max_scale(
     xp, axes, pshape, bshape, dtype, xc = _prepare(x, axis, (("data_min", data_min), ("data_max", data_max)), xp)
     dmin = _stat(xp, data_min, "data_min", pshape, bshape, dtype, x)
     dmax = _stat(xp, data_max, "data_max", pshape, bshape, dtype, x)
+    fast = numpy_fast.applies(xp, xc)
     if dmin is None or dmax is None:
         samples_per_feature(x, axis, axes, "min_max_scale")
-        valid = xp.equal(xc, xc)
-        if dmin is None:
-            dmin = xp.min(xp.where(valid, xc, scalar_like(xp, float("inf"), xc)), axis=axes, keepdims=True)
-        if dmax is None:
-            dmax = xp.max(xp.where(valid, xc, scalar_like(xp, float("-inf"), xc)), axis=axes, keepdims=True)
+        if fast:
+            lo_x, hi_x = numpy_fast.nan_min_max(xc, axes, not xc.size or bool(xp.any(xp.isnan(xc))))
+        else:
+            valid = xp.equal(xc, xc)
+            lo_x = xp.min(xp.where(valid, xc, scalar_like(xp, float("inf"), xc)), axis=axes, keepdims=True)
+            hi_x = xp.max(xp.where(valid, xc, scalar_like(xp, float("-inf"), xc)), axis=axes, keepdims=True)
+        dmin = lo_x if dmin is None else dmin
+        dmax = hi_x if dmax is None else dmax
     scale = power_of_two_scale(xp, xp.maximum(xp.maximum(-dmin, dmin), xp.maximum(-dmax, dmax)))
     low = dmin * scale
-    y = (xc * scale - low) / _zero_to_one(xp, dmax * scale - low)
-    width = float(hi) - float(lo)
+    span = _zero_to_one(xp, dmax * scale - low)
+    width, lo = float(hi) - float(lo), float(lo)
+    if fast:
+        return _back(xp, numpy_fast.min_max_in_place(xc, scale, low, span, width, lo), x)
+    y = (xc * scale - low) / span
     if width != 1.0:
         y = y * width
-    if float(lo) != 0.0:
-        y = y + float(lo)
+    if lo != 0.0:
+        y = y + lo
     return _back(xp, y, x)
