@@ -91,8 +91,7 @@ def _run(op, x, w, b, dy, jit):
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize(("shape", "offset"), [((64, 8), 0.5), ((4, 5, 6, 8), 0.5), ((4, 5, 6, 8), 1e4)],
-                         ids=["64x8", "4x5x6x8", "4x5x6x8-offset1e4"])
+@pytest.mark.parametrize(("shape", "offset"), [((64, 8), 0.5), ((4, 5, 6, 8), 1e4)], ids=["64x8", "4x5x6x8-offset1e4"])
 @pytest.mark.parametrize("op", list(OPS))
 def test_kernel_equals_core_and_reference(op, shape, offset, jit):
     """Outputs, running statistics and gradients: kernel == core == float64 reference, within float32 round-off."""
