@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import operator
 from typing import Any
 
@@ -108,12 +109,14 @@ def as_param(xp: Any, value: Any, name: str, shape: tuple, dtype: Any, like: Any
 def static_count(shape: tuple, axes: tuple[int, ...]) -> int | None:
     """Number of elements reduced over ``axes``, or None when a reduced dimension is unknown.
 
-    Unknown is None (tf.function, KerasTensor) or NaN (dask after boolean indexing).
+    Unknown is None (tf.function, KerasTensor), NaN (dask after boolean indexing) or symbolic (a torch
+    SymInt under torch.export / torch.compile(dynamic=True), a jax shape-polymorphic dimension): ``int()``
+    of a symbol would specialize the traced program to this one size.
     """
     n = 1
     for a in axes:
         d = shape[a]
-        if d is None or d != d:
+        if d is None or not isinstance(d, (numbers.Integral, float)) or d != d:
             return None
         n = n * int(d)
     return n
