@@ -11,16 +11,18 @@ state_dict loading and every ``isinstance(m, nn.BatchNorm2d)`` check are torch's
 torch.nn's (input checks, ``num_batches_tracked`` bookkeeping) with one call to
 ``normkit_torch.functional.batch_norm``: torch's kernel by default, torch.nn's numerics; the exact
 normkit core under ``set_kernel_policy("core")`` (torch's float32 kernel is ~1e-3 off at data offset 1e4).
+The forward scripts (TorchScript compiles it with ``F.batch_norm``: a scripted module is torch.nn's);
+torch.fx and torch's fusers see the torch.nn twin (``torch_twin``, see ``normkit_torch._deploy``).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normkit_torch._functional import batch_norm, is_compiling
+from normkit_torch import _deploy
+from normkit_torch._functional import batch_norm, cumulative_momentum
 
 __all__ = [
     "BatchNorm",
@@ -33,21 +35,25 @@ __all__ = [
 ]
 
 
-class _NormkitBatchNorm:
+class _NormkitBatchNorm(_BatchNorm):
     """``forward`` of every normkit batch-norm module; the rest comes from the torch.nn class it is mixed into."""
 
-    def forward(self: Any, input: Tensor) -> Tensor:
+    torch_twin = _deploy.TWIN_PROPERTY
+    __jit_unused_properties__ = ["torch_twin"]
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            if _deploy.is_traced(input):  # torch.fx: one call of the torch.nn twin
+                return _deploy.traced_call(self, input)
         self._check_input_dim(input)
-        exponential_average_factor: Any = 0.0 if self.momentum is None else self.momentum
+        exponential_average_factor = 0.0
+        if self.momentum is not None:
+            exponential_average_factor = self.momentum
         if self.training and self.track_running_stats:
             if self.num_batches_tracked is not None:
                 self.num_batches_tracked.add_(1)
                 if self.momentum is None:  # cumulative moving average
-                    tracked = self.num_batches_tracked
-                    # while torch.compile traces, a 0-d tensor: float(buffer) would break the graph
-                    exponential_average_factor = (
-                        1.0 / tracked.to(self.running_mean.dtype) if is_compiling() else 1.0 / float(tracked)
-                    )
+                    exponential_average_factor = cumulative_momentum(self.num_batches_tracked, self.running_mean)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_buffers = not self.training or self.track_running_stats
         return batch_norm(
@@ -102,3 +108,6 @@ class LazyBatchNorm3d(_NormkitBatchNorm, nn.LazyBatchNorm3d):
     """Drop-in for ``torch.nn.LazyBatchNorm3d``: ``num_features`` from the first input; becomes BatchNorm3d."""
 
     cls_to_become = BatchNorm3d  # type: ignore[assignment]
+
+
+_deploy.register_fusers({nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d})

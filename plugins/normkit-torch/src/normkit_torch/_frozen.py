@@ -11,13 +11,15 @@ is accepted and dropped) and a frozen one loads into BatchNorm*d. Gradients reac
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import normkit
 import torch
 from array_api_compat import torch as xp
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from normkit_torch import _deploy
 
 __all__ = [
     "FrozenBatchNorm",
@@ -34,10 +36,11 @@ class FrozenBatchNorm(nn.Module):
     """Batch norm with fixed statistics and affine over input of any rank >= 2 (channels on axis 1)."""
 
     _dims: tuple[int, ...] = ()  # accepted input ranks; () means any rank >= 2
-    weight: Tensor
-    bias: Tensor
-    running_mean: Tensor
-    running_var: Tensor
+    if TYPE_CHECKING:  # not at run time: TorchScript cannot resolve these postponed (string) annotations
+        weight: Tensor
+        bias: Tensor
+        running_mean: Tensor
+        running_var: Tensor
 
     def __init__(self, num_features: int, eps: float = 1e-5, device: Any = None, dtype: Any = None) -> None:
         super().__init__()
@@ -65,6 +68,11 @@ class FrozenBatchNorm(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript: torch's inference batch norm (normkit_torch._deploy)
+            return _deploy.scripted_frozen_batch_norm(input, self.running_mean, self.running_var, self.weight,
+                                                      self.bias, self.eps)
+        if _deploy.is_traced(input):  # torch.fx: a leaf
+            return _deploy.traced_call(self, input)
         self._check_input_dim(input)
         return normkit.normalize(
             input, self.running_mean.detach(), self.running_var.detach(), self.weight.detach(), self.bias.detach(),

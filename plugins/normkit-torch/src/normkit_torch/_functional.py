@@ -10,13 +10,20 @@ its arguments as torch does (same errors) and computes through the normkit core,
 data offsets where torch's float32 kernels are about 1e-3 off.
 
 The choice is looked up once per configuration (``kernel_for``: a dict read per call, no hook
-call); torch.compile traces either policy without a graph break (the policy is guarded).
+call); torch.compile and torch.export trace either policy without a graph break (the policy is
+guarded). Graphs for other runtimes always get torch's operators: TorchScript compiles each
+function as its ``torch.nn.functional`` namesake, and while ``torch.onnx.export`` runs (either
+exporter) the policy ``"core"`` computes with torch's kernel too, so the ONNX graph holds the fused
+``BatchNormalization`` / ``LayerNormalization`` / ``InstanceNormalization`` nodes torch.nn's export
+has. Like ``torch.nn.functional``, each function honours ``__torch_function__``: torch.fx records
+it as one call.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Union
 
 import normkit
 import torch
@@ -24,6 +31,7 @@ import torch.nn.functional as F
 from array_api_compat import torch as xp
 from normkit.plugin import kernels
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from normkit_torch._plugin import POLICY
 
@@ -39,9 +47,8 @@ __all__ = [
     "standardize",
     "min_max_scale",
     "is_compiling",
+    "cumulative_momentum",
 ]
-
-_Shape = Union[int, Sequence[int], torch.Size]
 
 
 # ---------------------------------------------------------------- policy and kernel choice
@@ -63,8 +70,26 @@ def get_kernel_policy() -> str:
 
 
 def is_compiling() -> bool:
-    """True while torch.compile (Dynamo) traces: no hook calls and no value-dependent checks then."""
+    """True while torch.compile (Dynamo) or torch.export traces: no hook calls and no value-dependent checks then."""
+    if torch.jit.is_scripting():
+        return False
     return _IS_COMPILING()
+
+
+def cumulative_momentum(num_batches_tracked: Tensor, like: Optional[Tensor]) -> float:
+    """``1 / num_batches_tracked``, batch norm's ``momentum=None`` weight: a Python float, or while
+    torch.compile traces a 0-d tensor in ``like``'s dtype (``float()`` of a buffer would break the graph)."""
+    if torch.jit.is_scripting():
+        return 1.0 / float(num_batches_tracked)
+    if is_compiling() and like is not None:
+        return 1.0 / num_batches_tracked.to(like.dtype)  # type: ignore[return-value]
+    return 1.0 / float(num_batches_tracked)
+
+
+def _exporting_onnx() -> bool:
+    """True while ``torch.onnx.export`` runs (torch.onnx is never imported here: unloaded, no export runs)."""
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
 
 
 def _is_compiling_fn() -> Callable[[], bool]:
@@ -93,14 +118,15 @@ _TORCH_FUNCTIONAL: dict[str, Optional[Callable[..., Any]]] = {
 def kernel_for(op: str, input: Tensor) -> Optional[Callable[..., Any]]:
     """The ``torch.nn.functional`` function that computes ``op`` on ``input``, or None for the core.
 
-    None under the policy ``"core"``. Under ``"auto"``: the ``nn_functional`` of the kernel the
-    ``normkit_kernel`` hook offers for (op, device type, dtype), asked once per configuration and
-    policy generation; where it offers none (a dtype outside the table: torch raises its own error),
-    torch's own function, as while torch.compile traces a configuration not yet seen eagerly (no hook
-    call then). torch.nn's behaviour is the contract of "auto".
+    None under the policy ``"core"``, except during ``torch.onnx.export`` (torch's own function: the
+    fused ONNX nodes). Under ``"auto"``: the ``nn_functional`` of the kernel the ``normkit_kernel``
+    hook offers for (op, device type, dtype), asked once per configuration and policy generation;
+    where it offers none (a dtype outside the table: torch raises its own error), torch's own
+    function, as while torch.compile traces a configuration not yet seen eagerly (no hook call
+    then). torch.nn's behaviour is the contract of "auto".
     """
     if not POLICY.enabled():
-        return None
+        return _TORCH_FUNCTIONAL[op] if _exporting_onnx() else None
     key = (op, input.device, input.dtype, kernels.generation())  # a device object hashes faster than its .type
     found = _CHOSEN.get(key, _MISSING)
     if found is _MISSING:
@@ -160,7 +186,7 @@ def _check_trailing(input: Tensor, normalized_shape: tuple[int, ...], star: str)
         )
 
 
-def _as_shape(normalized_shape: _Shape) -> tuple[int, ...]:
+def _as_shape(normalized_shape: Any) -> tuple[int, ...]:
     return (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
 
 
@@ -182,6 +208,14 @@ def batch_norm(
     ``momentum`` may also be a 0-d tensor (the cumulative average ``1 / num_batches_tracked`` while
     torch.compile traces, where a Python float of a buffer would break the graph): the core computes then.
     """
+    if torch.jit.is_scripting():
+        assert isinstance(momentum, float)
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+        return handle_torch_function(
+            batch_norm, (input, running_mean, running_var, weight, bias), input, running_mean, running_var,
+            weight, bias, training=training, momentum=momentum, eps=eps,
+        )
     fn = kernel_for("batch_norm", input)
     if fn is not None and not isinstance(momentum, Tensor):
         return fn(input, running_mean, running_var, weight, bias, training, momentum, eps)
@@ -214,6 +248,13 @@ def instance_norm(
 ) -> Tensor:
     """``F.instance_norm``: input ``(N, C, *spatial)``; with ``use_input_stats`` the running buffers get the
     batch average of the per-instance mean and unbiased variance, in place. The output is contiguous."""
+    if torch.jit.is_scripting():
+        return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+        return handle_torch_function(
+            instance_norm, (input, running_mean, running_var, weight, bias), input, running_mean, running_var,
+            weight, bias, use_input_stats=use_input_stats, momentum=momentum, eps=eps,
+        )
     fn = kernel_for("instance_norm", input)
     if fn is not None:
         return fn(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
@@ -233,10 +274,16 @@ def instance_norm(
 
 
 def layer_norm(
-    input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+    input: Tensor, normalized_shape: List[int], weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
     eps: float = 1e-5,
 ) -> Tensor:
-    """``F.layer_norm``: normalize over the trailing ``normalized_shape`` dimensions."""
+    """``F.layer_norm``: normalize over the trailing ``normalized_shape`` dimensions (an int, a tuple or a list)."""
+    if torch.jit.is_scripting():
+        return F.layer_norm(input, normalized_shape, weight, bias, eps)
+    if has_torch_function_variadic(input, weight, bias):
+        return handle_torch_function(
+            layer_norm, (input, weight, bias), input, normalized_shape, weight=weight, bias=bias, eps=eps
+        )
     fn = kernel_for("layer_norm", input)
     if fn is not None:
         return fn(input, normalized_shape, weight, bias, eps)
@@ -250,6 +297,11 @@ def group_norm(
     input: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5
 ) -> Tensor:
     """``F.group_norm``: input ``(N, C, *)``, channels split into ``num_groups`` consecutive groups."""
+    if torch.jit.is_scripting():
+        return F.group_norm(input, num_groups, weight, bias, eps)
+    if has_torch_function_variadic(input, weight, bias):
+        return handle_torch_function(group_norm, (input, weight, bias), input, num_groups, weight=weight, bias=bias,
+                                     eps=eps)
     fn = kernel_for("group_norm", input)
     if fn is not None:
         return fn(input, num_groups, weight, bias, eps)
@@ -272,10 +324,14 @@ def group_norm(
 
 
 def rms_norm(
-    input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] = None, eps: Optional[float] = None
+    input: Tensor, normalized_shape: List[int], weight: Optional[Tensor] = None, eps: Optional[float] = None
 ) -> Tensor:
     """``F.rms_norm``: ``x / sqrt(mean(x**2) + eps) * weight`` over the trailing dimensions; ``eps=None`` is
     the machine epsilon of the compute dtype (float32's for half input)."""
+    if torch.jit.is_scripting():
+        return F.rms_norm(input, normalized_shape, weight, eps)
+    if has_torch_function_variadic(input, weight):
+        return handle_torch_function(rms_norm, (input, weight), input, normalized_shape, weight=weight, eps=eps)
     fn = kernel_for("rms_norm", input)
     if fn is not None:
         return fn(input, normalized_shape, weight, eps)

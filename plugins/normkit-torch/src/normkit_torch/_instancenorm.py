@@ -7,15 +7,18 @@ statistics, training updates them with the batch average of the per-instance mea
 variance; ``momentum=None`` means no update; ``num_batches_tracked`` never counts. ``forward`` is
 torch.nn's checks plus one call to ``normkit_torch.functional.instance_norm``: torch's kernel by
 default, the exact normkit core under ``set_kernel_policy("core")`` (~1e-3 apart at data offset 1e4).
+The forward scripts (``F.instance_norm`` in TorchScript); torch.fx sees the torch.nn twin (``torch_twin``).
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
+import torch
 from torch import Tensor, nn
+from torch.nn.modules.instancenorm import _InstanceNorm
 
+from normkit_torch import _deploy
 from normkit_torch._functional import instance_norm
 
 __all__ = [
@@ -28,14 +31,19 @@ __all__ = [
 ]
 
 
-class _NormkitInstanceNorm:
-    """``forward`` of every normkit instance-norm module; the rest is the torch.nn class it is mixed into."""
+class _NormkitInstanceNorm(_InstanceNorm):
+    """``forward`` of every normkit instance-norm module; the rest is the torch.nn class it is mixed into
+    (``_get_no_batch_dim``: the rank of an input without its batch axis)."""
 
-    _unbatched_rank: int  # rank of an input without its batch axis
+    torch_twin = _deploy.TWIN_PROPERTY
+    __jit_unused_properties__ = ["torch_twin"]
 
-    def forward(self: Any, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            if _deploy.is_traced(input):  # torch.fx: one call of the torch.nn twin
+                return _deploy.traced_call(self, input)
         self._check_input_dim(input)
-        feature_dim = input.dim() - self._unbatched_rank
+        feature_dim = input.dim() - self._get_no_batch_dim()
         if input.size(feature_dim) != self.num_features:
             if self.affine:
                 raise ValueError(
@@ -48,11 +56,11 @@ class _NormkitInstanceNorm:
                 "which is not used because affine=False",
                 stacklevel=2,
             )
-        if input.dim() == self._unbatched_rank:
+        if input.dim() == self._get_no_batch_dim():
             return self._apply_instance_norm(input.unsqueeze(0)).squeeze(0)
         return self._apply_instance_norm(input)
 
-    def _apply_instance_norm(self: Any, input: Tensor) -> Tensor:
+    def _apply_instance_norm(self, input: Tensor) -> Tensor:
         return instance_norm(
             input,
             self.running_mean,
@@ -68,37 +76,28 @@ class _NormkitInstanceNorm:
 class InstanceNorm1d(_NormkitInstanceNorm, nn.InstanceNorm1d):
     """Drop-in for ``torch.nn.InstanceNorm1d``: input ``(N, C, L)`` or unbatched ``(C, L)``."""
 
-    _unbatched_rank = 2
-
 
 class InstanceNorm2d(_NormkitInstanceNorm, nn.InstanceNorm2d):
     """Drop-in for ``torch.nn.InstanceNorm2d``: input ``(N, C, H, W)`` or unbatched ``(C, H, W)``."""
-
-    _unbatched_rank = 3
 
 
 class InstanceNorm3d(_NormkitInstanceNorm, nn.InstanceNorm3d):
     """Drop-in for ``torch.nn.InstanceNorm3d``: input ``(N, C, D, H, W)`` or unbatched ``(C, D, H, W)``."""
 
-    _unbatched_rank = 4
-
 
 class LazyInstanceNorm1d(_NormkitInstanceNorm, nn.LazyInstanceNorm1d):
     """Drop-in for ``torch.nn.LazyInstanceNorm1d``; becomes InstanceNorm1d after the first input."""
 
-    _unbatched_rank = 2
     cls_to_become = InstanceNorm1d  # type: ignore[assignment]
 
 
 class LazyInstanceNorm2d(_NormkitInstanceNorm, nn.LazyInstanceNorm2d):
     """Drop-in for ``torch.nn.LazyInstanceNorm2d``; becomes InstanceNorm2d after the first input."""
 
-    _unbatched_rank = 3
     cls_to_become = InstanceNorm2d  # type: ignore[assignment]
 
 
 class LazyInstanceNorm3d(_NormkitInstanceNorm, nn.LazyInstanceNorm3d):
     """Drop-in for ``torch.nn.LazyInstanceNorm3d``; becomes InstanceNorm3d after the first input."""
 
-    _unbatched_rank = 4
     cls_to_become = InstanceNorm3d  # type: ignore[assignment]

@@ -7,7 +7,8 @@ rms:   y = x / sqrt(mean(x**2) + eps) * weight over the last axes; eps=None is t
 Each class subclasses its torch.nn twin (arguments, parameters, repr, reset are torch's); ``forward``
 is one call to its ``normkit_torch.functional`` dispatch: torch's kernel by default (torch.nn's
 numerics), the exact normkit core under ``set_kernel_policy("core")`` (torch's float32 layer and
-group norm are ~3e-3 off at data offset 1e4).
+group norm are ~3e-3 off at data offset 1e4). Each forward scripts (TorchScript compiles the
+``torch.nn.functional`` namesake); torch.fx sees the torch.nn twin (``torch_twin``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn import init
 from torch.nn.parameter import Parameter
 
+from normkit_torch import _deploy
 from normkit_torch._functional import group_norm, layer_norm, rms_norm
 
 __all__ = ["LayerNorm", "GroupNorm", "RMSNorm"]
@@ -27,14 +29,26 @@ __all__ = ["LayerNorm", "GroupNorm", "RMSNorm"]
 class LayerNorm(nn.LayerNorm):
     """Drop-in for ``torch.nn.LayerNorm``."""
 
+    torch_twin = _deploy.TWIN_PROPERTY
+    __jit_unused_properties__ = ["torch_twin"]
+
     def forward(self, input: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            if _deploy.is_traced(input):
+                return _deploy.traced_call(self, input)
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 class GroupNorm(nn.GroupNorm):
     """Drop-in for ``torch.nn.GroupNorm``: input ``(N, C, *)``."""
 
+    torch_twin = _deploy.TWIN_PROPERTY
+    __jit_unused_properties__ = ["torch_twin"]
+
     def forward(self, input: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            if _deploy.is_traced(input):
+                return _deploy.traced_call(self, input)
         return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
 
@@ -70,5 +84,11 @@ else:  # torch < 2.4 has no nn.RMSNorm: the same arguments, parameters and repr,
 class RMSNorm(_RMSNormBase):
     """Drop-in for ``torch.nn.RMSNorm``."""
 
+    torch_twin = _deploy.TWIN_PROPERTY
+    __jit_unused_properties__ = ["torch_twin"]
+
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            if _deploy.is_traced(x):
+                return _deploy.traced_call(self, x)
         return rms_norm(x, self.normalized_shape, self.weight, self.eps)

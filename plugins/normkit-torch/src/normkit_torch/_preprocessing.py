@@ -22,7 +22,7 @@ import torch
 from normkit import Moments
 from torch import Tensor, nn
 
-from normkit_torch import _functional
+from normkit_torch import _deploy, _functional
 
 __all__ = ["Standardize", "MinMaxScale"]
 
@@ -122,6 +122,10 @@ class Standardize(_Fitted):
         return self
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript: the fitted statistics applied by torch operators
+            return _deploy.scripted_standardize(input, self.mean, self.std, self.axis, self.count)
+        if _deploy.is_traced(input):  # torch.fx: a leaf
+            return _deploy.traced_call(self, input)
         self._check_fitted()
         return _functional.standardize(input, self.mean, self.std, self.axis)
 
@@ -163,6 +167,11 @@ class MinMaxScale(_Fitted):
         return self
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript: the fitted statistics applied by torch operators
+            return _deploy.scripted_min_max_scale(input, self.data_min, self.data_max, float(self.feature_range[0]),
+                                                  float(self.feature_range[1]), self.axis, self.count)
+        if _deploy.is_traced(input):  # torch.fx: a leaf
+            return _deploy.traced_call(self, input)
         self._check_fitted()
         return _functional.min_max_scale(input, self.data_min, self.data_max, self.feature_range, self.axis)
 

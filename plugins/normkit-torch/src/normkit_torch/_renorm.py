@@ -19,7 +19,7 @@ through ``normkit.update_running_stats`` (a count-1 ``Moments`` carries the std 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import normkit
 import torch
@@ -27,6 +27,8 @@ from array_api_compat import torch as xp
 from normkit import Moments
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from normkit_torch import _deploy
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 
@@ -49,9 +51,10 @@ class _BatchRenorm(_BatchNorm):
     """Shared implementation; see the module docstring for the math."""
 
     _normkit_dims: int
-    running_std: Tensor
-    renorm_mean: Tensor
-    renorm_std: Tensor
+    if TYPE_CHECKING:  # not at run time: TorchScript cannot resolve these postponed (string) annotations
+        running_std: Tensor
+        renorm_mean: Tensor
+        renorm_std: Tensor
 
     def __init__(
         self,
@@ -117,6 +120,12 @@ class _BatchRenorm(_BatchNorm):
         return 1.0 + (self.rmin - 1.0) * f, 1.0 + (self.rmax - 1.0) * f, self.dmax * f
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript: inference only (normkit_torch._deploy)
+            self._check_input_dim(input)
+            return _deploy.scripted_batch_renorm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                                 self.eps, self.training)
+        if _deploy.is_traced(input):  # torch.fx: a leaf
+            return _deploy.traced_call(self, input)
         self._check_input_dim(input)
         if not self.training:
             return normkit.normalize(input, self.running_mean, self.running_var, self.weight, self.bias,

@@ -26,6 +26,7 @@ from normkit import Moments
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normkit_torch import _deploy
 from normkit_torch.distributed import all_gather_moments, all_reduce_sums, is_synchronized, local_moments
 
 __all__ = ["SyncBatchNorm"]
@@ -126,7 +127,13 @@ class SyncBatchNorm(_BatchNorm):
     _check_input_dim = nn.SyncBatchNorm._check_input_dim
     _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise RuntimeError("SyncBatchNorm cannot be scripted (neither can torch.nn.SyncBatchNorm): replace it by "
+                           "a batch norm first, e.g. normkit_torch.freeze(model) for inference")
+
     def forward(self, input: Tensor) -> Tensor:
+        if _deploy.is_traced(input):  # torch.fx: a leaf, as torch.nn.SyncBatchNorm
+            return _deploy.traced_call(self, input)
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         tracked = self.num_batches_tracked if self.training and self.track_running_stats else None
