@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
+import pytest
 import torch
 from conftest import F64, assert_state_equal, data, randomize
 from torch import nn
@@ -112,13 +114,78 @@ def test_root_module_and_lazy_and_sync():
     assert type(nkt.to_torch(nn.Sequential(ours))[0]) is nn.SyncBatchNorm
 
 
-def test_subclasses_are_left_alone():
-    class MyBN(nn.BatchNorm2d):
-        pass
+class LayerNorm2d(nn.LayerNorm):
+    """timm's LayerNorm2d look-alike (timm is not installed here): channels-first input, forward overridden."""
 
-    net = nkt.convert(nn.Sequential(MyBN(3), nkt.BatchNorm2d(3)))
-    assert type(net[0]) is MyBN and type(net[1]) is nkt.BatchNorm2d  # no double conversion either
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                                        self.eps).permute(0, 3, 1, 2)
+
+
+class TaggedBatchNorm2d(nn.BatchNorm2d):
+    """A subclass that only adds an attribute (and its repr): forward is torch.nn's."""
+
+    def __init__(self, num_features: int, tag: str = "", **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        self.tag = tag
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, tag={self.tag!r}"
+
+
+class TaggedLayerNorm(nn.LayerNorm):
+    kind = "tagged"  # a class attribute only
+
+
+def _timm_like() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 1, dtype=F64), TaggedBatchNorm2d(4, tag="stem", dtype=F64),
+                         LayerNorm2d(4, dtype=F64), nn.BatchNorm2d(4, dtype=F64), TaggedLayerNorm(6, dtype=F64))
+
+
+def test_subclasses_are_reported_and_left_alone():
+    """By default only exact torch.nn classes are swapped; each skipped subclass is named (path, class, reason)."""
+    net = _timm_like()
+    with pytest.warns(nkt.UnconvertedNormWarning) as caught:
+        assert nkt.convert(net) is net
+    message = str(caught[0].message)
+    assert "1 (TaggedBatchNorm2d): subclass of torch.nn.BatchNorm2d: pass subclasses=True" in message
+    assert "2 (LayerNorm2d): subclass of torch.nn.LayerNorm overriding forward" in message
+    assert "4 (TaggedLayerNorm)" in message and "3 (" not in message
+    assert [type(m) for m in net] == [nn.Conv2d, TaggedBatchNorm2d, LayerNorm2d, nkt.BatchNorm2d, TaggedLayerNorm]
+    _, report = nkt.convert(net, report=True)  # nothing left to swap; still the same three reported, no warning
+    assert report.converted == [] and [(p, c) for p, c, _ in report.skipped] == [
+        ("1", "TaggedBatchNorm2d"), ("2", "LayerNorm2d"), ("4", "TaggedLayerNorm")]
     assert set(TO_TORCH) == set(TO_NORMKIT.values())
+
+
+def test_subclasses_true_converts_subclasses_that_keep_torch_forward(policy):
+    """subclasses=True: a subclass with torch.nn's forward computes with normkit (torch.nn's outputs and
+    statistics), keeps its class (isinstance), attributes and other methods, pickles, deep-copies and scripts;
+    one overriding forward stays as it is (reported); to_torch gives the subclass back."""
+    torch.manual_seed(0)
+    net = randomize(_timm_like())
+    theirs = copy.deepcopy(net)
+    out, report = nkt.convert(net, subclasses=True, report=True)
+    assert out is net
+    assert [p for p, _, _ in report.converted] == ["1", "3", "4"] and [p for p, _, _ in report.skipped] == ["2"]
+    bn, ln = net[1], net[4]
+    assert isinstance(bn, TaggedBatchNorm2d) and isinstance(bn, nkt.BatchNorm2d) and bn.tag == "stem"
+    assert isinstance(ln, TaggedLayerNorm) and isinstance(ln, nkt.LayerNorm) and ln.kind == "tagged"
+    assert "tag='stem'" in repr(bn) and type(bn).__name__ == "TaggedBatchNorm2d"
+    assert type(net[2]) is LayerNorm2d
+    x = data((4, 3, 5, 6))
+    for mode in ("train", "eval"):
+        getattr(net, mode)(), getattr(theirs, mode)()
+        torch.testing.assert_close(net(x), theirs(x), rtol=1e-10, atol=1e-12)
+        assert_state_equal(net, theirs, rtol=1e-10, atol=1e-12)
+    for copied in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
+        assert type(copied[1]) is type(bn) and copied[1].tag == "stem"
+        torch.testing.assert_close(copied(x), net(x), rtol=0, atol=0)
+    y = data((2, 4, 5, 6), seed=1)
+    torch.testing.assert_close(torch.jit.script(bn)(y), bn(y), rtol=1e-10, atol=1e-12)
+    nkt.to_torch(net)
+    assert [type(m) for m in net] == [nn.Conv2d, TaggedBatchNorm2d, LayerNorm2d, nn.BatchNorm2d, TaggedLayerNorm]
+    assert net[1].tag == "stem"
 
 
 def test_torch_utilities_see_normkit_batch_norm():

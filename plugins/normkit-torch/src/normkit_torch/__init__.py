@@ -40,6 +40,8 @@ _EXPORTS = {
     "Standardize": "_preprocessing",
     "MinMaxScale": "_preprocessing",
     "convert": "_convert",
+    "ConversionReport": "_convert",
+    "UnconvertedNormWarning": "_convert",
     "to_torch": "_convert",
     "set_kernel_policy": "_functional",
     "get_kernel_policy": "_functional",
@@ -74,7 +76,7 @@ if TYPE_CHECKING:
         LazyBatchNorm2d,
         LazyBatchNorm3d,
     )
-    from normkit_torch._convert import convert, to_torch
+    from normkit_torch._convert import ConversionReport, UnconvertedNormWarning, convert, to_torch
     from normkit_torch._functional import get_kernel_policy, set_kernel_policy
     from normkit_torch._instancenorm import (
         InstanceNorm1d,

@@ -2,13 +2,18 @@
 
 Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, the replacement keeps the very same
 Parameter and buffer objects (an optimizer built before the swap keeps working), the device,
-dtype, ``requires_grad`` and train/eval mode. Only modules of exactly a mapped class are swapped:
-a user's subclass of ``nn.BatchNorm2d`` may change behaviour and is left alone.
+dtype, ``requires_grad`` and train/eval mode. Modules of exactly a mapped class are swapped. A
+subclass of one (timm's ``LayerNorm2d``, a model's own ``MyBatchNorm``) may change behaviour: it
+is skipped and reported (``UnconvertedNormWarning``, or ``report=True``), unless
+``subclasses=True`` and it overrides none of the methods normkit's class replaces (``forward``):
+then its class becomes a subclass of both (normkit's forward, every other method and attribute
+its own), in place.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, NamedTuple, Union
 
 from torch import nn
 
@@ -17,7 +22,19 @@ from normkit_torch import _instancenorm as inorm
 from normkit_torch import _normalization as norm
 from normkit_torch import _sync
 
-__all__ = ["convert", "to_torch", "constructor_kwargs"]
+__all__ = ["convert", "to_torch", "constructor_kwargs", "ConversionReport", "UnconvertedNormWarning"]
+
+
+class UnconvertedNormWarning(UserWarning):
+    """``convert`` left normalization modules as they were (subclasses of torch.nn's): each is named with its path."""
+
+
+class ConversionReport(NamedTuple):
+    """What ``convert(model, report=True)`` did: ``(path, class name, normkit class name)`` per swapped module,
+    ``(path, class name, reason)`` per skipped one (a subclass of a torch.nn normalization class)."""
+
+    converted: list[tuple[str, str, str]]
+    skipped: list[tuple[str, str, str]]
 
 
 def _pairs() -> list[tuple[type, type]]:
@@ -91,9 +108,6 @@ def _swap(module: nn.Module, target: type) -> nn.Module:
         if store == "_buffers":
             new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
     new.train(module.training)
-    reset = getattr(new, "_normkit_reset_kernels", None)
-    if reset is not None:  # made on "meta": choose the kernels for the device of the moved tensors
-        reset()
     if hasattr(module, "qconfig"):
         new.qconfig = module.qconfig
     if hasattr(module, "process_group") and hasattr(new, "process_group"):  # SyncBatchNorm both ways
@@ -101,36 +115,140 @@ def _swap(module: nn.Module, target: type) -> nn.Module:
     return new
 
 
-def _replace(module: nn.Module, mapping: dict[type, type], seen: dict[int, nn.Module], path: str) -> nn.Module:
+# ---------------------------------------------------------------- subclasses of torch.nn's classes
+
+_MIXED: dict[tuple[type, type], type] = {}  # (normkit class, user's subclass) -> the class of both
+
+
+def _torch_base(cls: type) -> Union[type, None]:
+    """The mapped torch.nn class ``cls`` derives from (the nearest in its MRO), or None."""
+    for base in cls.__mro__[1:]:
+        if base in TO_NORMKIT:
+            return base
+    return None
+
+
+def _replaced_methods(ours: type, base: type) -> set[str]:
+    """Names of the functions and properties normkit's class defines over its torch.nn base (``forward``...)."""
+    names: set[str] = set()
+    for cls in ours.__mro__[: ours.__mro__.index(base)]:
+        names.update(k for k, v in vars(cls).items() if callable(v) or isinstance(v, property))
+    return names - {"__init__"}
+
+
+def _overrides(sub: type, base: type, names: set[str]) -> list[str]:
+    """Which of ``names`` the classes from ``sub`` up to ``base`` (exclusive) define."""
+    found: list[str] = []
+    for cls in sub.__mro__[: sub.__mro__.index(base)]:
+        found.extend(k for k in vars(cls) if k in names and k not in found)
+    return sorted(found)
+
+
+def _rebuild_mixed(ours: type, sub: type) -> nn.Module:
+    cls = _mixed_class(ours, sub)
+    return cls.__new__(cls)
+
+
+def _reduce_mixed(self: nn.Module, protocol: int) -> tuple:
+    """Pickle / deepcopy: the class is made at run time, so it is rebuilt from its two bases."""
+    ours, sub = type(self).__bases__
+    return _rebuild_mixed, (ours, sub), self.__dict__.copy()
+
+
+def _mixed_class(ours: type, sub: type) -> type:
+    """``class (ours, sub)``: normkit's forward, the subclass's every other method and attribute; made once."""
+    cls = _MIXED.get((ours, sub))
+    if cls is None:
+        cls = type(sub.__name__, (ours, sub), {
+            "__module__": sub.__module__,
+            "__qualname__": sub.__qualname__,
+            "__doc__": f"{sub.__qualname__} computing with normkit_torch.{ours.__name__} (made by convert).",
+            "__reduce_ex__": _reduce_mixed,
+        })
+        _MIXED[(ours, sub)] = cls
+    return cls
+
+
+def _subclass_decision(module: nn.Module, subclasses: bool) -> tuple[Union[type, None], str]:
+    """(the class to give ``module``, or None, and why not) for a subclass of a mapped torch.nn class."""
+    sub = type(module)
+    base = _torch_base(sub)
+    if base is None or issubclass(sub, tuple(TO_TORCH)):  # not a norm, or already normkit's
+        return None, ""
+    ours = TO_NORMKIT[base]
+    overridden = _overrides(sub, base, _replaced_methods(ours, base))
+    if overridden:
+        return None, f"subclass of torch.nn.{base.__name__} overriding {', '.join(overridden)}: left as it is"
+    if not subclasses:
+        return None, f"subclass of torch.nn.{base.__name__}: pass subclasses=True to convert it"
+    return _mixed_class(ours, sub), ""
+
+
+# ---------------------------------------------------------------- the walk
+
+
+def _replace(module: nn.Module, mapping: dict[type, type], seen: dict[int, nn.Module], path: str,
+             subclasses: Union[bool, None], report: ConversionReport) -> nn.Module:
+    """``module`` with every module of a ``mapping`` class swapped; ``subclasses`` None: no subclass handling
+    (``to_torch``: a converted subclass gets its own class back)."""
     if id(module) in seen:
         return seen[id(module)]
+    name = path or "(root)"
     target = mapping.get(type(module))
+    out = module
     if target is not None:
         out = _swap(module, target)
-    else:
-        for name, child in list(module._modules.items()):
+        report.converted.append((name, type(module).__name__, target.__name__))
+    elif subclasses is None:
+        if type(module) in _MIXED.values():
+            module.__class__ = type(module).__bases__[1]
+            report.converted.append((name, type(module).__name__, type(module).__name__))
+    elif isinstance(module, tuple(TO_NORMKIT)):
+        mixed, reason = _subclass_decision(module, subclasses)
+        if mixed is not None:
+            old = type(module).__name__
+            module.__class__ = mixed
+            report.converted.append((name, old, f"{mixed.__mro__[1].__name__} + {old}"))
+        elif reason:
+            report.skipped.append((name, type(module).__name__, reason))
+    if out is module:
+        for child_name, child in list(module._modules.items()):
             if child is not None:
-                module._modules[name] = _replace(child, mapping, seen, f"{path}.{name}" if path else name)
-        out = module
+                child_path = f"{path}.{child_name}" if path else child_name
+                module._modules[child_name] = _replace(child, mapping, seen, child_path, subclasses, report)
     seen[id(module)] = out
     return out
 
 
-def convert(module: nn.Module) -> nn.Module:
+def convert(module: nn.Module, *, subclasses: bool = False, report: bool = False) -> Any:
     """Replace every torch.nn normalization module in ``module`` by its normkit twin, in place; return the model.
 
     Swapped: BatchNorm1d/2d/3d, SyncBatchNorm (-> ``normkit_torch.SyncBatchNorm``, same process
     group, synchronized on any backend), InstanceNorm1d/2d/3d, LayerNorm, GroupNorm, RMSNorm and the
     Lazy variants. As with ``convert_sync_batchnorm``, a root that is itself a normalization
     module cannot be swapped in place: use the returned module.
+
+    A subclass of one of those classes is skipped and named in an ``UnconvertedNormWarning``; with
+    ``subclasses=True`` one that does not override ``forward`` is converted in place (its class
+    becomes a subclass of normkit's and its own: attributes, other methods and ``isinstance`` kept).
+    ``report=True`` returns ``(model, ConversionReport)`` instead of warning.
     """
-    return _replace(module, TO_NORMKIT, {}, "")
+    summary = ConversionReport([], [])
+    out = _replace(module, TO_NORMKIT, {}, "", bool(subclasses), summary)
+    if report:
+        return out, summary
+    if summary.skipped:
+        listed = "; ".join(f"{path} ({cls}): {reason}" for path, cls, reason in summary.skipped)
+        warnings.warn(f"convert left {len(summary.skipped)} normalization module(s) as they were: {listed}",
+                      UnconvertedNormWarning, stacklevel=2)
+    return out
 
 
 def to_torch(module: nn.Module) -> nn.Module:
     """Replace every normkit module in ``module`` by its torch.nn twin, in place; return the model.
 
-    ``normkit_torch.SyncBatchNorm`` becomes ``torch.nn.SyncBatchNorm`` (same process group).
-    ``normkit_torch.BatchNorm`` (any rank, local statistics) has no torch twin and is left as it is.
+    ``normkit_torch.SyncBatchNorm`` becomes ``torch.nn.SyncBatchNorm`` (same process group); a
+    subclass converted with ``subclasses=True`` gets its own class back. ``normkit_torch.BatchNorm``
+    (any rank, local statistics) has no torch twin and is left as it is.
     """
-    return _replace(module, TO_TORCH, {}, "")
+    return _replace(module, TO_TORCH, {}, "", None, ConversionReport([], []))
