@@ -17,12 +17,12 @@ torch.fx and torch's fusers see the torch.nn twin (``torch_twin``, see ``normkit
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
+from torch.fx import Proxy
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normkit_torch import _deploy
-from normkit_torch._functional import batch_norm, cumulative_momentum
+from normkit_torch._functional import _is_scripting, batch_norm, cumulative_momentum
 
 __all__ = [
     "BatchNorm",
@@ -42,8 +42,8 @@ class _NormkitBatchNorm(_BatchNorm):
     __jit_unused_properties__ = ["torch_twin"]
 
     def forward(self, input: Tensor) -> Tensor:
-        if not torch.jit.is_scripting():
-            if _deploy.is_traced(input):  # torch.fx: one call of the torch.nn twin
+        if not _is_scripting():
+            if isinstance(input, Proxy):  # torch.fx: one call of the torch.nn twin
                 return _deploy.traced_call(self, input)
         self._check_input_dim(input)
         exponential_average_factor = 0.0

@@ -35,6 +35,8 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from normkit_torch._plugin import POLICY
 
+_is_scripting = torch.jit.is_scripting  # one lookup less per call; TorchScript treats it as the original
+
 __all__ = [
     "batch_norm",
     "instance_norm",
@@ -71,7 +73,7 @@ def get_kernel_policy() -> str:
 
 def is_compiling() -> bool:
     """True while torch.compile (Dynamo) or torch.export traces: no hook calls and no value-dependent checks then."""
-    if torch.jit.is_scripting():
+    if _is_scripting():
         return False
     return _IS_COMPILING()
 
@@ -79,7 +81,7 @@ def is_compiling() -> bool:
 def cumulative_momentum(num_batches_tracked: Tensor, like: Optional[Tensor]) -> float:
     """``1 / num_batches_tracked``, batch norm's ``momentum=None`` weight: a Python float, or while
     torch.compile traces a 0-d tensor in ``like``'s dtype (``float()`` of a buffer would break the graph)."""
-    if torch.jit.is_scripting():
+    if _is_scripting():
         return 1.0 / float(num_batches_tracked)
     if is_compiling() and like is not None:
         return 1.0 / num_batches_tracked.to(like.dtype)  # type: ignore[return-value]
@@ -208,7 +210,7 @@ def batch_norm(
     ``momentum`` may also be a 0-d tensor (the cumulative average ``1 / num_batches_tracked`` while
     torch.compile traces, where a Python float of a buffer would break the graph): the core computes then.
     """
-    if torch.jit.is_scripting():
+    if _is_scripting():
         assert isinstance(momentum, float)
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
@@ -248,7 +250,7 @@ def instance_norm(
 ) -> Tensor:
     """``F.instance_norm``: input ``(N, C, *spatial)``; with ``use_input_stats`` the running buffers get the
     batch average of the per-instance mean and unbiased variance, in place. The output is contiguous."""
-    if torch.jit.is_scripting():
+    if _is_scripting():
         return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
         return handle_torch_function(
@@ -278,7 +280,7 @@ def layer_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """``F.layer_norm``: normalize over the trailing ``normalized_shape`` dimensions (an int, a tuple or a list)."""
-    if torch.jit.is_scripting():
+    if _is_scripting():
         return F.layer_norm(input, normalized_shape, weight, bias, eps)
     if has_torch_function_variadic(input, weight, bias):
         return handle_torch_function(
@@ -297,7 +299,7 @@ def group_norm(
     input: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5
 ) -> Tensor:
     """``F.group_norm``: input ``(N, C, *)``, channels split into ``num_groups`` consecutive groups."""
-    if torch.jit.is_scripting():
+    if _is_scripting():
         return F.group_norm(input, num_groups, weight, bias, eps)
     if has_torch_function_variadic(input, weight, bias):
         return handle_torch_function(group_norm, (input, weight, bias), input, num_groups, weight=weight, bias=bias,
@@ -328,7 +330,7 @@ def rms_norm(
 ) -> Tensor:
     """``F.rms_norm``: ``x / sqrt(mean(x**2) + eps) * weight`` over the trailing dimensions; ``eps=None`` is
     the machine epsilon of the compute dtype (float32's for half input)."""
-    if torch.jit.is_scripting():
+    if _is_scripting():
         return F.rms_norm(input, normalized_shape, weight, eps)
     if has_torch_function_variadic(input, weight):
         return handle_torch_function(rms_norm, (input, weight), input, normalized_shape, weight=weight, eps=eps)

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import warnings
 
-import torch
 from torch import Tensor, nn
+from torch.fx import Proxy
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from normkit_torch import _deploy
-from normkit_torch._functional import instance_norm
+from normkit_torch._functional import _is_scripting, instance_norm
 
 __all__ = [
     "InstanceNorm1d",
@@ -39,8 +39,8 @@ class _NormkitInstanceNorm(_InstanceNorm):
     __jit_unused_properties__ = ["torch_twin"]
 
     def forward(self, input: Tensor) -> Tensor:
-        if not torch.jit.is_scripting():
-            if _deploy.is_traced(input):  # torch.fx: one call of the torch.nn twin
+        if not _is_scripting():
+            if isinstance(input, Proxy):  # torch.fx: one call of the torch.nn twin
                 return _deploy.traced_call(self, input)
         self._check_input_dim(input)
         feature_dim = input.dim() - self._get_no_batch_dim()

@@ -17,11 +17,12 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.fx import Proxy
 from torch.nn import init
 from torch.nn.parameter import Parameter
 
 from normkit_torch import _deploy
-from normkit_torch._functional import group_norm, layer_norm, rms_norm
+from normkit_torch._functional import _is_scripting, group_norm, layer_norm, rms_norm
 
 __all__ = ["LayerNorm", "GroupNorm", "RMSNorm"]
 
@@ -33,8 +34,8 @@ class LayerNorm(nn.LayerNorm):
     __jit_unused_properties__ = ["torch_twin"]
 
     def forward(self, input: Tensor) -> Tensor:
-        if not torch.jit.is_scripting():
-            if _deploy.is_traced(input):
+        if not _is_scripting():
+            if isinstance(input, Proxy):
                 return _deploy.traced_call(self, input)
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
@@ -46,8 +47,8 @@ class GroupNorm(nn.GroupNorm):
     __jit_unused_properties__ = ["torch_twin"]
 
     def forward(self, input: Tensor) -> Tensor:
-        if not torch.jit.is_scripting():
-            if _deploy.is_traced(input):
+        if not _is_scripting():
+            if isinstance(input, Proxy):
                 return _deploy.traced_call(self, input)
         return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
@@ -88,7 +89,7 @@ class RMSNorm(_RMSNormBase):
     __jit_unused_properties__ = ["torch_twin"]
 
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.jit.is_scripting():
-            if _deploy.is_traced(x):
+        if not _is_scripting():
+            if isinstance(x, Proxy):
                 return _deploy.traced_call(self, x)
         return rms_norm(x, self.normalized_shape, self.weight, self.eps)
