@@ -489,3 +489,15 @@ def test_batch_norm_eps_rules_as_torch(policy):
             module = getattr(lib.BatchNorm1d(3, eps=eps, dtype=F64), mode)()
             with pytest.raises(ValueError, match=message):
                 module(x)
+
+
+def test_negative_eps_in_the_family(policy):
+    """torch.nn's family modules take a negative eps (torch computes rsqrt(var + eps): NaN where var < -eps);
+    policy "auto" is torch's kernel and does the same, policy "core" refuses it by name (the core's rule)."""
+    x = data((4, 5, 6))
+    theirs, ours = nn.LayerNorm(6, eps=-1e-5, dtype=F64), nkt.LayerNorm(6, eps=-1e-5, dtype=F64)
+    if policy == "auto":
+        torch.testing.assert_close(ours(x), theirs(x), **EXACT)
+    else:
+        with pytest.raises(ValueError, match="eps must be >= 0, got -1e-05"):
+            ours(x)
