@@ -125,7 +125,10 @@ def centered_moments(xp: Any, x: Any, axes: tuple[int, ...], weights: Any = None
             n = count if isinstance(count, int) else xp.astype(count, wide)
             first = xp.astype(xp.sum(x, axis=axes, keepdims=True, dtype=wide) / n, x.dtype)
         centered = x - first
-        residual = xp.mean(centered, axis=axes, keepdims=True)
+        if wide is None:
+            residual = xp.mean(centered, axis=axes, keepdims=True)
+        else:  # sorted data: a naive float32 sum of the centred values drifts (1e6 rows: 1e-5 std)
+            residual = xp.astype(xp.sum(centered, axis=axes, keepdims=True, dtype=wide) / n, x.dtype)
         if wide is None:
             square = xp.mean(centered * centered, axis=axes, keepdims=True)
         else:  # one outlier's square would swallow every later one in a naive float32 sum
@@ -139,7 +142,11 @@ def centered_moments(xp: Any, x: Any, axes: tuple[int, ...], weights: Any = None
         else:
             first = xp.astype(xp.sum(x * w, axis=axes, keepdims=True, dtype=wide) / xp.astype(total, wide), x.dtype)
         centered = x - first
-        residual = xp.sum(centered * w, axis=axes, keepdims=True) / total
+        if wide is None:
+            residual = xp.sum(centered * w, axis=axes, keepdims=True) / total
+        else:
+            residual = xp.astype(xp.sum(centered * w, axis=axes, keepdims=True, dtype=wide)
+                                 / xp.astype(total, wide), x.dtype)
         if wide is None:
             square = xp.sum(centered * centered * w, axis=axes, keepdims=True) / total
         else:
@@ -227,7 +234,7 @@ def fit_moments(xp: Any, x: Any, axes: tuple[int, ...]) -> Fitted:
     first = _mean(xp, xp.where(valid, u, zero), axes, total, wide)
     centered = u - first  # NaN stays NaN
     c0 = xp.where(valid, centered, zero)
-    residual = xp.sum(c0, axis=axes, keepdims=True) / total
+    residual = _mean(xp, c0, axes, total, wide)
     square = _mean(xp, c0 * c0, axes, total, wide)
     var = xp.maximum(square - residual * residual, xp.zeros_like(square))
     return Fitted(count, first + residual, var, lo, hi, scale, centered, residual)
