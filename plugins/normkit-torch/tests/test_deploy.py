@@ -243,6 +243,21 @@ def test_fx_symbolic_trace(policy):
     assert_state_equal(model, eager, **TIGHT)
 
 
+def test_fx_trace_keeps_an_uninitialized_lazy_module_a_leaf(policy):
+    """As torch.nn's: the GraphModule calls the Lazy module itself, which materializes on its first real input."""
+    results = []
+    for lib in (nkt, nn):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 1, dtype=F64), lib.LazyBatchNorm2d(dtype=F64),
+                              lib.LazyInstanceNorm1d(dtype=F64))
+        model[2] = nn.Sequential(nn.Flatten(2), model[2])
+        gm = torch.fx.symbolic_trace(model)
+        assert isinstance(gm.get_submodule("1"), nn.LazyBatchNorm2d) and gm.get_submodule("1") is model[1]
+        results.append((gm(data((4, 3, 5, 6))), type(gm.get_submodule("1")).__name__))
+    torch.testing.assert_close(results[0][0], results[1][0], **TIGHT)
+    assert results[0][1] == results[1][1] == "BatchNorm2d"
+
+
 def _conv_bn_net(lib) -> nn.Module:
     torch.manual_seed(0)
     return randomize(nn.Sequential(nn.Conv2d(3, 8, 3), lib.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3),

@@ -92,19 +92,19 @@ class BatchNorm(_NormkitBatchNorm, _BatchNorm):
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
 
-class LazyBatchNorm1d(_NormkitBatchNorm, nn.LazyBatchNorm1d):
+class LazyBatchNorm1d(_deploy.TraceableLazy, _NormkitBatchNorm, nn.LazyBatchNorm1d):
     """Drop-in for ``torch.nn.LazyBatchNorm1d``: ``num_features`` from the first input; becomes BatchNorm1d."""
 
     cls_to_become = BatchNorm1d  # type: ignore[assignment]
 
 
-class LazyBatchNorm2d(_NormkitBatchNorm, nn.LazyBatchNorm2d):
+class LazyBatchNorm2d(_deploy.TraceableLazy, _NormkitBatchNorm, nn.LazyBatchNorm2d):
     """Drop-in for ``torch.nn.LazyBatchNorm2d``: ``num_features`` from the first input; becomes BatchNorm2d."""
 
     cls_to_become = BatchNorm2d  # type: ignore[assignment]
 
 
-class LazyBatchNorm3d(_NormkitBatchNorm, nn.LazyBatchNorm3d):
+class LazyBatchNorm3d(_deploy.TraceableLazy, _NormkitBatchNorm, nn.LazyBatchNorm3d):
     """Drop-in for ``torch.nn.LazyBatchNorm3d``: ``num_features`` from the first input; becomes BatchNorm3d."""
 
     cls_to_become = BatchNorm3d  # type: ignore[assignment]

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "TraceableLazy",
     "torch_twin",
     "is_traced",
     "traced_call",
@@ -77,6 +78,17 @@ def traced_call(module: nn.Module, input: Any) -> Any:
     if _has_twin(module):
         path = f"{path}.{TWIN_ATTRIBUTE}" if path else TWIN_ATTRIBUTE
     return tracer.create_proxy("call_module", path, (input,), {})
+
+
+class TraceableLazy:
+    """Mixed into the Lazy modules: torch.fx calls a module it traces through with its hooks, and the hook that
+    infers the parameters cannot read a Proxy; it waits for real input, and the module records itself as a leaf
+    (``traced_call``), as torch.nn's Lazy modules are leaves."""
+
+    def _infer_parameters(self, module: nn.Module, args: Any, kwargs: Any = None) -> None:
+        if any(isinstance(a, torch.fx.Proxy) for a in args):
+            return None
+        return super()._infer_parameters(module, args, kwargs)  # type: ignore[misc]
 
 
 def _with_twins(fuser: Callable[..., nn.Module]) -> Callable[..., nn.Module]:

@@ -85,19 +85,19 @@ class InstanceNorm3d(_NormkitInstanceNorm, nn.InstanceNorm3d):
     """Drop-in for ``torch.nn.InstanceNorm3d``: input ``(N, C, D, H, W)`` or unbatched ``(C, D, H, W)``."""
 
 
-class LazyInstanceNorm1d(_NormkitInstanceNorm, nn.LazyInstanceNorm1d):
+class LazyInstanceNorm1d(_deploy.TraceableLazy, _NormkitInstanceNorm, nn.LazyInstanceNorm1d):
     """Drop-in for ``torch.nn.LazyInstanceNorm1d``; becomes InstanceNorm1d after the first input."""
 
     cls_to_become = InstanceNorm1d  # type: ignore[assignment]
 
 
-class LazyInstanceNorm2d(_NormkitInstanceNorm, nn.LazyInstanceNorm2d):
+class LazyInstanceNorm2d(_deploy.TraceableLazy, _NormkitInstanceNorm, nn.LazyInstanceNorm2d):
     """Drop-in for ``torch.nn.LazyInstanceNorm2d``; becomes InstanceNorm2d after the first input."""
 
     cls_to_become = InstanceNorm2d  # type: ignore[assignment]
 
 
-class LazyInstanceNorm3d(_NormkitInstanceNorm, nn.LazyInstanceNorm3d):
+class LazyInstanceNorm3d(_deploy.TraceableLazy, _NormkitInstanceNorm, nn.LazyInstanceNorm3d):
     """Drop-in for ``torch.nn.LazyInstanceNorm3d``; becomes InstanceNorm3d after the first input."""
 
     cls_to_become = InstanceNorm3d  # type: ignore[assignment]
