@@ -58,20 +58,31 @@ def pivot(x, axes):
         return np.nanmin(x, axis=axes, keepdims=True)
 
 
-def assert_close(got, want, dtype, n, *, what="", scale=None):
-    """The module's tolerance: (n + 8) * eps * (scale or 1 + |want|) + 2 * tiny; NaN and inf where the reference has them."""
+def assert_close(got, want, dtype, n, *, what="", scale=None, kinds=None, kind_axis=-1):
+    """The module's tolerance: (n + 8) * eps * (scale or 1 + |want|) + 2 * tiny; NaN and inf where the reference has them.
+
+    ``kinds`` names the data along ``kind_axis`` (the kind of each statistic), for the message.
+    """
     got = np.asarray(got, np.float64)
     want = np.asarray(want, np.float64)
     assert got.shape == want.shape, (what, got.shape, want.shape)
     info = np.finfo(dtype)
     special = ~np.isfinite(want)
-    np.testing.assert_array_equal(np.where(special, got, 0.0), np.where(special, want, 0.0), err_msg=f"{what}: NaN/inf")
+    where = f"{dtype} {what}".strip()
+    bad = np.where(special, got, 0.0) != np.where(special, want, 0.0)
+    bad &= ~(np.isnan(got) & np.isnan(want))
+    if bad.any():
+        at = tuple(int(i) for i in np.argwhere(bad)[0])
+        kind = f" ({kinds[at[kind_axis]]} data)" if kinds is not None else ""
+        raise AssertionError(f"{where}: got {got[at]!r} where the reference has {want[at]!r} at {at}{kind}")
     want = np.where(special, 0.0, want)
     scale = 1.0 + np.abs(want) if scale is None else np.where(np.isfinite(scale), scale, 0.0)
-    bound = (n + 8) * float(info.eps) * scale + 2 * float(info.smallest_normal)
+    bound = np.broadcast_to((n + 8) * float(info.eps) * scale + 2 * float(info.smallest_normal), want.shape)
     err = np.abs(np.where(special, 0.0, got - want))
-    worst = np.unravel_index(np.argmax(err - bound), err.shape) if err.size else ()
-    assert (err <= bound).all(), (
-        f"{what}: |got - want| = {err[worst]:.3g} > {bound[worst] if np.ndim(bound) else bound:.3g} at {worst} "
-        f"(got {got[worst]!r}, want {want[worst]!r})"
-    )
+    if not (err <= bound).all():
+        at = np.unravel_index(np.argmax(err - bound), err.shape)
+        kind = f" ({kinds[at[kind_axis]]} data)" if kinds is not None else ""
+        raise AssertionError(
+            f"{where}: |got - want| = {err[at]:.3g} > {bound[at]:.3g} at {tuple(int(i) for i in at)}{kind} "
+            f"(got {got[at]!r}, want {want[at]!r})"
+        )
