@@ -137,7 +137,8 @@ def test_shifted_data_float32(backend):
 @pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[3], LAYOUTS[4]], ids=["dense", "conv3d", "channels_last"])
 def test_shifted_data_matches_float64(backend, layout):
     """float32 data at mean 1e4: the core centres before scaling (train and eval), so it stays within
-    float32 round-off of the float64 reference, where x * scale + shift would be ~1e-3 off."""
+    float32 round-off of the float64 reference, where x * scale + shift would be ~1e-3 off (what a
+    backend under policy auto may reach: torch's kernels, held to that uncentred bound)."""
     _, shape, axis = layout
     x, rm, rv, w, b = _data(shape, axis, "float32")
     x = (x + 1e4).astype("float32")
@@ -146,7 +147,10 @@ def test_shifted_data_matches_float64(backend, layout):
     for training in (True, False):
         out = backend.call(nk.batch_norm, args, dict(training=training, axis=axis))
         want = reference.batch_norm(x, rm, rv, w, b, training=training, axis=axis)
-        np.testing.assert_allclose(backend.to_numpy(out.output), want[0], rtol=1e-5, atol=5e-5, err_msg=f"training={training}")
+        atol = 5e-5
+        if backend.policy == "auto":  # a native kernel computes x * scale + shift: |offset| / std * eps more
+            atol += 4 * float(np.finfo("float32").eps) * 1e4 / 3.0 * float(np.abs(want[0]).max())
+        np.testing.assert_allclose(backend.to_numpy(out.output), want[0], rtol=1e-5, atol=atol, err_msg=f"training={training}")
 
 
 def test_shifted_data_gradients_match_float64_torch():

@@ -19,6 +19,7 @@ from typing import Any
 
 from normkit import hookimpl
 from normkit.plugin.kernels import KernelTable
+from normkit.plugin.manager import imported_module
 from normkit_keras._policy import POLICY
 
 __all__ = [
@@ -33,7 +34,7 @@ __all__ = [
 
 
 def _is_tensorflow_array(array: Any) -> bool:
-    tf = sys.modules.get("tensorflow")
+    tf = imported_module("tensorflow")  # never a module another thread is still importing
     if tf is None:
         return False
     return isinstance(array, (tf.Tensor, tf.Variable))
@@ -42,12 +43,12 @@ def _is_tensorflow_array(array: Any) -> bool:
 def _is_keras_tensor(array: Any) -> bool:
     if "keras" not in sys.modules:
         return False
-    keras_tensor = sys.modules.get("keras.src.backend.common.keras_tensor")
+    keras_tensor = imported_module("keras.src.backend.common.keras_tensor")
     return keras_tensor is not None and isinstance(array, keras_tensor.KerasTensor)
 
 
 def _keras_variable_class() -> Any:
-    variables = sys.modules.get("keras.src.backend.common.variables")
+    variables = imported_module("keras.src.backend.common.variables")
     return None if variables is None else variables.Variable
 
 
