@@ -3,7 +3,8 @@
 Each mutant replaces one exact snippet (it must occur exactly once) in a copy of the repository,
 then runs the tests that should catch it; a mutant survives when they all pass. The copy shadows
 the editable installs through PYTHONPATH, so the working tree is never touched. Ends with the line
-``N of N mutants killed``; exits 1 when any survives (a surviving mutant is a missing test).
+``N of N mutants killed``; exits 1 when any survives (a surviving mutant is a missing test). The
+tests of every mutant first run on the unmutated copy: a red baseline stops the run (exit 2).
 
     python tools/mutants.py                 # every mutant, two at a time
     python tools/mutants.py --only NAME     # one mutant (repeatable)
@@ -85,6 +86,76 @@ MUTANTS: list[Mutant] = [
            "mean = stop_gradient(xp, batch.mean)", "mean = batch.mean", (CORE_MATRIX,)),
 ]
 
+# normkit-torch: the core path of the modules, the functional API's kernels, sync, tools
+TORCH_CONF = (CORE, "tests/test_conformance.py", "--frameworks=torch", "--backends=none")
+TORCH_UNIT = (TORCH, "tests/test_modules.py", "tests/test_kernels.py")
+MUTANTS += [
+    Mutant("torch-core-stats-not-updated", "the core path forgets to write the running statistics back",
+           "plugins/normkit-torch/src/normkit_torch/_functional.py",
+           "            running_mean.copy_(out.running_mean)\n            running_var.copy_(out.running_var)\n",
+           "            pass\n", (TORCH_CONF, TORCH_UNIT)),
+    Mutant("torch-core-weight-bias-swapped", "the core path passes bias as weight and weight as bias",
+           "plugins/normkit-torch/src/normkit_torch/_functional.py",
+           "input, running_mean, running_var, weight, bias, training=training, momentum=momentum, eps=eps, axis=1, xp=xp",
+           "input, running_mean, running_var, bias, weight, training=training, momentum=momentum, eps=eps, axis=1, xp=xp",
+           (TORCH_CONF, TORCH_UNIT)),
+    Mutant("torch-kernel-impure", "normkit.batch_norm on torch tensors updates the caller's running statistics in place",
+           "plugins/normkit-torch/src/normkit_torch/_kernels.py",
+           "            stats = (running_mean.clone(), running_var.clone())\n    elif dtype",
+           "            stats = (running_mean, running_var)\n    elif dtype", ((TORCH, "tests/test_kernels.py"),)),
+    Mutant("torch-sync-equal-weights", "SyncBatchNorm weighs every rank equally (detectron2's naive merge)",
+           "plugins/normkit-torch/src/normkit_torch/distributed.py",
+           "        parts = top.merge(low)\n",
+           "        parts = Moments(count=top.count + low.count, mean=(top.mean + low.mean) / 2, m2=top.m2 + low.m2)\n",
+           ((TORCH, "tests/test_sync.py"),)),
+    Mutant("torch-fold-eps-outside", "fold_batch_norm puts eps outside the square root", "plugins/normkit-torch/src/normkit_torch/_fold.py",
+           "scale = gamma * torch.rsqrt(rv + bn.eps)", "scale = gamma / (torch.sqrt(rv) + bn.eps)",
+           ((TORCH, "tests/test_tools.py", "-k", "fold"),)),
+    Mutant("torch-recalibrate-biased", "recalibrate stores the biased variance in torch's unbiased running_var",
+           "plugins/normkit-torch/src/normkit_torch/_recalibrate.py",
+           "var = total.var if renorm else total.unbiased_var(1)", "var = total.var",
+           ((TORCH, "tests/test_tools.py", "-k", "recalibrate"),)),
+]
+
+# normkit-keras: conventions at the edge, the TensorFlow and JAX kernels
+KERAS_CONF = (CORE, "tests/test_conformance.py", "--frameworks=keras", "--backends=none")
+KERAS_TF_KERNELS = (KERAS, "tests/test_kernels.py")
+MUTANTS += [
+    Mutant("keras-ln-beta-inside", "layer norm computes (xhat + beta) * gamma in the TensorFlow kernel",
+           "plugins/normkit-keras/src/normkit_keras/_kernels.py",
+           "        y = xhat if g is None else xhat * g\n        if b is not None:\n            y = tf.nn.bias_add(y, b)",
+           "        y = xhat if b is None else tf.nn.bias_add(xhat, b)\n        if g is not None:\n            y = y * g",
+           (KERAS_CONF,)),
+    Mutant("keras-momentum-direction", "Keras's momentum passed to the core unconverted",
+           "plugins/normkit-keras/src/normkit_keras/_batch_normalization.py",
+           "momentum=1.0 - layer.momentum", "momentum=layer.momentum", (KERAS_CONF,)),
+    Mutant("keras-unbiased-variance", "the moving variance folds the unbiased batch variance",
+           "plugins/normkit-keras/src/normkit_keras/_batch_normalization.py",
+           "axis=layer.axis, correction=0,", "axis=layer.axis, correction=1,", (KERAS_CONF,)),
+    Mutant("keras-features-last", "the layer assumes features last whatever its axis",
+           "plugins/normkit-keras/src/normkit_keras/_batch_normalization.py",
+           "eps=layer.epsilon, axis=layer.axis,", "eps=layer.epsilon, axis=-1,", (KERAS_CONF,)),
+    Mutant("keras-fused-unshifted", "TensorFlow's fused kernel runs on x itself, not shifted (1e-2 off at mean 1e4)",
+           "plugins/normkit-keras/src/normkit_keras/_kernels.py", "x=x4 - shift, scale=", "x=x4, scale=",
+           (KERAS_CONF, KERAS_TF_KERNELS)),
+    Mutant("keras-fused-variance-biased-twice", "the fused kernel's unbiased batch variance taken as biased",
+           "plugins/normkit-keras/src/normkit_keras/_kernels.py",
+           "m2 = var * (n - 1.0) if isinstance(n, float) else var * tf.maximum(n - 1.0, 0.0)", "m2 = var * n",
+           (KERAS_CONF, KERAS_TF_KERNELS)),
+    Mutant("keras-gn-gamma-gradient", "the TensorFlow group-norm kernel's gamma gradient misses a term",
+           "plugins/normkit-keras/src/normkit_keras/_kernels.py", "h4 = inv * (a4 + e * b4)", "h4 = inv * a4",
+           (KERAS_CONF,)),
+    Mutant("keras-jax-gn-shift", "the JAX group-norm kernel drops the shift's residual from the mean",
+           "plugins/normkit-keras/src/normkit_keras/_jax_kernels.py",
+           "y = c * per_channel(p4) + per_channel(jnp.reshape(b, (1, 1, groups, cg)) - d4 * p4)",
+           "y = c * per_channel(p4) + per_channel(jnp.reshape(b, (1, 1, groups, cg)))",
+           ((CORE, "tests/test_conformance.py", "--frameworks=keras", "--backends=none", "-k", "GroupNormalization"),),
+           (("KERAS_BACKEND", "jax"),)),
+    Mutant("keras-integer-inputs", "integer inputs reach the core uncast", "plugins/normkit-keras/src/normkit_keras/_backend.py",
+           '    return cast(xp, x, keras.backend.result_type(name, "float32"))', "    return x",
+           ((KERAS, "tests/test_layers.py", "-k", "integer"),)),
+]
+
 
 def _copy(dest: Path) -> None:
     for name in SOURCES:
@@ -109,7 +180,8 @@ def _run(m: Mutant) -> tuple[Mutant, bool, str, float]:
     with tempfile.TemporaryDirectory(prefix=f"mutant-{m.name}-") as tmp:
         copy = Path(tmp)
         _copy(copy)
-        _apply(copy, m)
+        if m.find:
+            _apply(copy, m)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(str(copy / p) for p in PYTHONPATHS)
         env.setdefault("KERAS_BACKEND", "tensorflow")
@@ -142,6 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.only) - {m.name for m in MUTANTS}
     if unknown:
         parser.error(f"unknown mutants {sorted(unknown)}")
+    # the same tests on the unmutated copy first: a kill only counts when they pass without the bug
+    baselines = {(m.tests, m.env): Mutant(f"baseline-{i}", "no bug", "", "", "", m.tests, m.env)
+                 for i, m in enumerate(mutants)}
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        broken = [(b, detail) for b, failed, detail, _ in pool.map(_run, baselines.values()) if failed]
+    for b, detail in broken:
+        print(f"BASELINE FAILS without any mutant: {' '.join(' '.join(t) for t in b.tests)}: {detail}")
+    if broken:
+        return 2
     killed = 0
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for m, dead, detail, seconds in pool.map(_run, mutants):
