@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 from normkit import _numpy_fast as numpy_fast
 from normkit._dispatch import call_kernel
+from normkit._ghost import ghost_train, virtual_batch_size_value
 from normkit._moments import Moments, centered_moments
 from normkit._namespace import array_namespace
 from normkit._running import update_running_stats
@@ -49,8 +50,9 @@ def _broadcast_shape(ndim: int, axis: int, size: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _single_value_error(x: Any) -> ValueError:
-    return ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+def _single_value_error(x: Any, virtual_batch_size: int | None = None) -> ValueError:
+    where = "" if virtual_batch_size is None else f" in each virtual batch of {virtual_batch_size} (virtual_batch_size)"
+    return ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}{where}")
 
 
 def _scale(xp: Any, var: Any, w: Any, eps: float) -> Any:
@@ -116,6 +118,7 @@ def batch_norm(
     correction: int = 1,
     allow_single_value: bool = False,
     num_batches: Any = None,
+    virtual_batch_size: int | None = None,
     xp: Any = None,
 ) -> BatchNormResult:
     """Normalize ``x`` per feature along ``axis`` (1: ``(N, C, *spatial)``; -1: channels-last).
@@ -130,6 +133,14 @@ def batch_norm(
     feature's output and statistics); a NumPy masked array is refused (pass ``x.data`` with
     ``mask=~x.mask``). Inputs are never mutated; running statistics come back as new arrays. On arrays a plugin serves with a fused
     kernel (torch, TensorFlow) the kernel computes where the arguments fit its contract.
+
+    ``virtual_batch_size=V`` (training only; ghost batch norm): samples ``g*V .. g*V+V-1`` form virtual
+    batch ``g``, each normalized by its own statistics; V must divide the batch (ValueError naming
+    both), checked when tracing where the batch is known, else by the reshape at run time. The
+    running statistics are updated ONCE with the merge (Chan) of the virtual batches' statistics,
+    i.e. the whole batch's: Keras 2 folded the mean of their biased variances instead, smaller by
+    the spread of their means (and by ``(V-1)/V`` in expectation), so normkit's running statistics
+    estimate the population as plain batch norm's do. ``V`` equal to the batch is plain batch norm.
     """
     if xp is None:
         xp = array_namespace(
@@ -155,16 +166,26 @@ def batch_norm(
                 "batch_norm(training=False) normalizes with running_mean and running_var; both are required "
                 "(pass training=True to use the batch statistics)"
             )
-    out = call_kernel(
+    ghost = None
+    if virtual_batch_size is not None:
+        ghost = virtual_batch_size_value(virtual_batch_size, tuple(x.shape), f, training)
+        if not training or ghost == static_count(tuple(x.shape), (0,)):
+            ghost = None  # inference, or one virtual batch: plain batch norm (same kernels, same result)
+    out = call_kernel(  # a kernel gets virtual_batch_size only when it splits a training batch
         "batch_norm", xp, x, x, running_mean, running_var, weight, bias, training=training, momentum=momentum,
         eps=eps, axis=f, mask=mask, correction=correction, allow_single_value=allow_single_value,
-        num_batches=num_batches,
+        num_batches=num_batches, **({} if ghost is None else {"virtual_batch_size": ghost}),
     )
     if out is not NotImplemented:
         return out
     if not training:
         y = _normalize(xp, x, running_mean, running_var, weight, bias, eps, f, ("running_mean", "running_var"))
         return BatchNormResult(y, running_mean, running_var)
+    if ghost is not None:
+        return BatchNormResult(*ghost_train(
+            xp, x, running_mean, running_var, weight, bias, momentum, eps, f, mask, correction, allow_single_value,
+            num_batches, ghost, _single_value_error(x, ghost),
+        ))
     return _train(xp, x, running_mean, running_var, weight, bias, momentum, eps, f, mask, correction,
                   allow_single_value, num_batches)
 

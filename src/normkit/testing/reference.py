@@ -11,7 +11,8 @@ import warnings
 import numpy as np
 
 __all__ = [
-    "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm", "standardize", "min_max_scale", "moments",
+    "batch_norm", "ghost_batch_norm",
+    "layer_norm", "group_norm", "instance_norm", "rms_norm", "standardize", "min_max_scale", "moments",
 ]
 
 
@@ -57,6 +58,23 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, *
         y = y * _per_feature(np.asarray(weight, np.float64), x.ndim, axis)
     if bias is not None:
         y = y + _per_feature(np.asarray(bias, np.float64), x.ndim, axis)
+    return y, running_mean, running_var
+
+
+def ghost_batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, *, virtual_batch_size,
+                     momentum=0.1, eps=1e-5, axis=1, correction=1, mask=None):
+    """Training-mode ghost batch norm: each run of ``virtual_batch_size`` consecutive samples is batch-normalized
+    with its own statistics; the running statistics take one update with the whole batch's (the merge of the
+    virtual batches'). Returns (y, new_running_mean, new_running_var), all float64."""
+    x = _float(x)
+    assert x.shape[0] % virtual_batch_size == 0, "the virtual batch size must divide the batch"
+    y = np.empty_like(x)
+    for start in range(0, x.shape[0], virtual_batch_size):
+        part = slice(start, start + virtual_batch_size)
+        y[part] = batch_norm(x[part], None, None, weight, bias, training=True, eps=eps, axis=axis,
+                             mask=None if mask is None else np.asarray(mask)[part])[0]
+    _, running_mean, running_var = batch_norm(x, running_mean, running_var, training=True, momentum=momentum,
+                                              axis=axis, correction=correction, mask=mask)
     return y, running_mean, running_var
 
 

@@ -114,8 +114,12 @@ def _rows_norm(axis: int, eps: float) -> Any:
 
 @_declines
 def batch_norm(x: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any, *, training: bool, momentum: Any,
-               eps: float, axis: int, mask: Any, correction: float, allow_single_value: bool, num_batches: Any) -> Any:
-    """``normkit.batch_norm`` in training, features last, float32, no mask."""
+               eps: float, axis: int, mask: Any, correction: float, allow_single_value: bool, num_batches: Any,
+               virtual_batch_size: Any = None) -> Any:
+    """``normkit.batch_norm`` in training, features last, float32, no mask, no
+    ``virtual_batch_size`` (ghost batch norm; given only when it splits a training batch)."""
+    if virtual_batch_size is not None:
+        raise _Decline("virtual batches")
     import jax.numpy as jnp
 
     _check_x(jnp, x)

@@ -121,8 +121,12 @@ def _fused_train(tf: Any, x: Any, scale: Any, offset: Any, eps: float) -> tuple[
 
 @_declines
 def batch_norm(x: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any, *, training: bool, momentum: Any,
-               eps: float, axis: int, mask: Any, correction: float, allow_single_value: bool, num_batches: Any) -> Any:
-    """``normkit.batch_norm`` through ``FusedBatchNormV3``: features last, rank 2 or more, float32, no mask."""
+               eps: float, axis: int, mask: Any, correction: float, allow_single_value: bool, num_batches: Any,
+               virtual_batch_size: Any = None) -> Any:
+    """``normkit.batch_norm`` through ``FusedBatchNormV3``: features last, rank 2 or more, float32, no mask, no
+    ``virtual_batch_size`` (ghost batch norm; given only when it splits a training batch)."""
+    if virtual_batch_size is not None:
+        raise _Decline("virtual batches")
     import tensorflow as tf
 
     from normkit_keras._namespaces import tensorflow_namespace

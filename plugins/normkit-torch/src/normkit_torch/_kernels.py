@@ -88,11 +88,12 @@ def _trailing(axis: tuple[int, ...], ndim: int) -> bool:
 def batch_norm(
     x: Tensor, running_mean: Any, running_var: Any, weight: Any, bias: Any, *, training: bool, momentum: Any,
     eps: float, axis: int, mask: Any = None, correction: float = 1, allow_single_value: bool = False,
-    num_batches: Any = None,
+    num_batches: Any = None, virtual_batch_size: Any = None,
 ) -> Any:
-    """``normkit.batch_norm`` by ``torch.batch_norm``; features on axis 1, or last of a 4-d/5-d input (channels_last)."""
+    """``normkit.batch_norm`` by ``torch.batch_norm``; features on axis 1, or last of a 4-d/5-d input (channels_last).
+    aten has no ghost batch norm: ``virtual_batch_size`` (given only when it splits a training batch) declines."""
     ndim = x.dim()
-    if mask is not None or not (axis == 1 or (ndim in (4, 5) and axis == ndim - 1)):
+    if virtual_batch_size is not None or mask is not None or not (axis == 1 or (ndim in (4, 5) and axis == ndim - 1)):
         return NotImplemented
     c = x.shape[axis]
     dtype = _stats_dtype(x)
