@@ -41,9 +41,10 @@ def _merge_virtual_batches(xp: Any, mean: Any, var: Any, count: Any, groups: Any
     """Chan's merge over axis 0 of G sets with per-set ``mean``, biased ``var`` and ``count`` (keepdims arrays).
 
     ``n = sum n_g``, ``mean = sum n_g mean_g / n``, ``M2 = sum n_g (var_g + (mean_g - mean)**2)``; with equal
-    counts (an int) the mean is the mean of the means. Returns ``(n, mean, M2)`` reduced over axis 0.
+    counts (an int, or a 0-d array where sizes are symbolic) the mean is the mean of the means. Returns
+    ``(n, mean, M2)`` reduced over axis 0.
     """
-    if isinstance(count, int):
+    if isinstance(count, int) or count.ndim == 0:
         merged = xp.mean(mean, axis=0, keepdims=True)
         dev = mean - merged
         m2 = xp.sum(var + dev * dev, axis=0, keepdims=True) * count
@@ -94,7 +95,7 @@ def ghost_train(xp: Any, x: Any, running_mean: Any, running_var: Any, weight: An
     if running_mean is None:
         return y, None, None
     num_groups: Any = groups
-    if n is None and isinstance(m.count, int):  # known only at run time (tf.function, symbolic shapes)
+    if n is None and mask is None:  # known only at run time (tf.function, symbolic shapes)
         num_groups = xp.astype(dynamic_count(xp, xg, (0,)), dtype)
     count, mean, m2 = _merge_virtual_batches(xp, m.mean, m.var, m.count, num_groups)
     if mask is not None:  # one count per feature
