@@ -13,9 +13,19 @@ torch.nn's (input checks, ``num_batches_tracked`` bookkeeping) with one call to
 normkit core under ``set_kernel_policy("core")`` (torch's float32 kernel is ~1e-3 off at data offset 1e4).
 The forward scripts (TorchScript compiles it with ``F.batch_norm``: a scripted module is torch.nn's);
 torch.fx and torch's fusers see the torch.nn twin (``torch_twin``, see ``normkit_torch._deploy``).
+
+Ghost batch norm: the keyword-only ``virtual_batch_size=V`` (not in torch.nn; Keras 2's name) makes
+training normalize each run of V consecutive samples by its own statistics, through the core
+(``normkit.batch_norm``); the running statistics take one update per call with the whole batch's
+(the merge of the virtual batches'), ``num_batches_tracked += 1``. Inference is unchanged. Such a
+module has no torch.nn twin: torch.fx records it as a leaf, and a scripted one runs in eval mode only.
 """
 
 from __future__ import annotations
+
+import inspect
+import operator
+from typing import Any, Callable, Optional
 
 from torch import Tensor, nn
 from torch.fx import Proxy
@@ -35,11 +45,50 @@ __all__ = [
 ]
 
 
+def _virtual_batch_size(value: Any) -> Optional[int]:
+    """None, or a positive int (samples per virtual batch); anything else is refused by name."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"virtual_batch_size must be None or a positive int, got {type(value).__name__} {value!r}") from None
+    if v <= 0:
+        raise ValueError(f"virtual_batch_size must be None or a positive int (samples per virtual batch), got {v}")
+    return v
+
+
+def _with_virtual_batch_size(torch_cls: type) -> Callable[..., None]:
+    """An ``__init__`` with ``torch_cls``'s signature plus the keyword-only ``virtual_batch_size=None``."""
+    torch_init = torch_cls.__init__
+
+    def __init__(self: Any, *args: Any, virtual_batch_size: Optional[int] = None, **kwargs: Any) -> None:
+        torch_init(self, *args, **kwargs)
+        self.virtual_batch_size = _virtual_batch_size(virtual_batch_size)
+
+    signature = inspect.signature(torch_init)
+    extra = inspect.Parameter("virtual_batch_size", inspect.Parameter.KEYWORD_ONLY, default=None,
+                              annotation=Optional[int])
+    params = [p for p in signature.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    rest = [p for p in signature.parameters.values() if p.kind == inspect.Parameter.VAR_KEYWORD]
+    __init__.__signature__ = signature.replace(parameters=params + [extra] + rest)  # type: ignore[attr-defined]
+    __init__.__doc__ = torch_init.__doc__
+    return __init__
+
+
 class _NormkitBatchNorm(_BatchNorm):
     """``forward`` of every normkit batch-norm module; the rest comes from the torch.nn class it is mixed into."""
 
     torch_twin = _deploy.TWIN_PROPERTY
     __jit_unused_properties__ = ["torch_twin"]
+    __constants__ = [*_BatchNorm.__constants__, "virtual_batch_size"]
+    virtual_batch_size: Optional[int] = None  # a module whose class convert swapped in place has no __init__ of ours
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text if self.virtual_batch_size is None else f"{text}, virtual_batch_size={self.virtual_batch_size}"
 
     def forward(self, input: Tensor) -> Tensor:
         if not _is_scripting():
@@ -65,19 +114,26 @@ class _NormkitBatchNorm(_BatchNorm):
             bn_training,
             exponential_average_factor,
             self.eps,
+            self.virtual_batch_size if self.training else None,
         )
 
 
 class BatchNorm1d(_NormkitBatchNorm, nn.BatchNorm1d):
     """Drop-in for ``torch.nn.BatchNorm1d``: input ``(N, C)`` or ``(N, C, L)``; statistics over all but C."""
 
+    __init__ = _with_virtual_batch_size(nn.BatchNorm1d)
+
 
 class BatchNorm2d(_NormkitBatchNorm, nn.BatchNorm2d):
     """Drop-in for ``torch.nn.BatchNorm2d``: input ``(N, C, H, W)``, any memory format (channels_last is kept)."""
 
+    __init__ = _with_virtual_batch_size(nn.BatchNorm2d)
+
 
 class BatchNorm3d(_NormkitBatchNorm, nn.BatchNorm3d):
     """Drop-in for ``torch.nn.BatchNorm3d``: input ``(N, C, D, H, W)``."""
+
+    __init__ = _with_virtual_batch_size(nn.BatchNorm3d)
 
 
 class BatchNorm(_NormkitBatchNorm, _BatchNorm):
@@ -87,6 +143,8 @@ class BatchNorm(_NormkitBatchNorm, _BatchNorm):
     the statistics of the local batch only: it does not synchronize them across processes.
     """
 
+    __init__ = _with_virtual_batch_size(_BatchNorm)
+
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
@@ -95,18 +153,21 @@ class BatchNorm(_NormkitBatchNorm, _BatchNorm):
 class LazyBatchNorm1d(_deploy.TraceableLazy, _NormkitBatchNorm, nn.LazyBatchNorm1d):
     """Drop-in for ``torch.nn.LazyBatchNorm1d``: ``num_features`` from the first input; becomes BatchNorm1d."""
 
+    __init__ = _with_virtual_batch_size(nn.LazyBatchNorm1d)
     cls_to_become = BatchNorm1d  # type: ignore[assignment]
 
 
 class LazyBatchNorm2d(_deploy.TraceableLazy, _NormkitBatchNorm, nn.LazyBatchNorm2d):
     """Drop-in for ``torch.nn.LazyBatchNorm2d``: ``num_features`` from the first input; becomes BatchNorm2d."""
 
+    __init__ = _with_virtual_batch_size(nn.LazyBatchNorm2d)
     cls_to_become = BatchNorm2d  # type: ignore[assignment]
 
 
 class LazyBatchNorm3d(_deploy.TraceableLazy, _NormkitBatchNorm, nn.LazyBatchNorm3d):
     """Drop-in for ``torch.nn.LazyBatchNorm3d``: ``num_features`` from the first input; becomes BatchNorm3d."""
 
+    __init__ = _with_virtual_batch_size(nn.LazyBatchNorm3d)
     cls_to_become = BatchNorm3d  # type: ignore[assignment]
 
 

@@ -133,7 +133,7 @@ def _replaced_methods(ours: type, base: type) -> set[str]:
     names: set[str] = set()
     for cls in ours.__mro__[: ours.__mro__.index(base)]:
         names.update(k for k, v in vars(cls).items() if callable(v) or isinstance(v, property))
-    return names - {"__init__"}
+    return names - {"__init__", "extra_repr"}  # ours call the next class's (torch.nn's, or the subclass's)
 
 
 def _overrides(sub: type, base: type, names: set[str]) -> list[str]:
@@ -195,6 +195,8 @@ def _replace(module: nn.Module, mapping: dict[type, type], seen: dict[int, nn.Mo
         return seen[id(module)]
     name = path or "(root)"
     target = mapping.get(type(module))
+    if mapping is TO_TORCH and getattr(module, "virtual_batch_size", None) is not None:
+        target = None  # ghost batch norm: torch.nn has none, the module stays (as BatchNorm does)
     out = module
     if target is not None:
         out = _swap(module, target)
@@ -249,6 +251,7 @@ def to_torch(module: nn.Module) -> nn.Module:
 
     ``normkit_torch.SyncBatchNorm`` becomes ``torch.nn.SyncBatchNorm`` (same process group); a
     subclass converted with ``subclasses=True`` gets its own class back. ``normkit_torch.BatchNorm``
-    (any rank, local statistics) has no torch twin and is left as it is.
+    (any rank, local statistics) and a batch norm with ``virtual_batch_size`` (ghost batch norm) have no
+    torch twin and are left as they are.
     """
     return _replace(module, TO_TORCH, {}, "", None, ConversionReport([], []))

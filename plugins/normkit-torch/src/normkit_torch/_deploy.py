@@ -9,7 +9,8 @@ InstanceNorm1d/2d/3d, LayerNorm, GroupNorm, RMSNorm) as one call of that twin, p
 ``<path>.torch_twin`` in the GraphModule (whose state_dict keys gain that level), so
 ``torch.fx.experimental.optimization.fuse`` and FX quantization (``prepare_fx``) treat it as
 torch.nn's. Every other normkit module (SyncBatchNorm, the frozen and renorm modules, the scalers,
-an uninitialized Lazy module) is a leaf at its own path: the GraphModule calls the module itself.
+an uninitialized Lazy module, a batch norm with ``virtual_batch_size``) is a leaf at its own path:
+the GraphModule calls the module itself.
 
 Eager-mode fusion (``fuse_modules``, ``fuse_modules_qat``): ``register_fusers`` adds every
 torch.nn pattern with a batch norm (conv-bn, conv-bn-relu, linear-bn, bn-relu, convtranspose-bn)
@@ -52,6 +53,11 @@ def torch_twin(module: nn.Module) -> nn.Module:
     target = TO_TORCH.get(type(module))
     if target is None:
         raise TypeError(f"{type(module).__name__} has no torch.nn twin")
+    if getattr(module, "virtual_batch_size", None) is not None:
+        raise TypeError(
+            f"{type(module).__name__}(virtual_batch_size={module.virtual_batch_size}) has no torch.nn twin: torch.nn "
+            "has no ghost batch norm"
+        )
     return _swap(module, target)
 
 
@@ -62,6 +68,8 @@ def _has_twin(module: nn.Module) -> bool:
     from normkit_torch._convert import TO_TORCH
 
     if type(module) not in TO_TORCH or not isinstance(getattr(type(module), TWIN_ATTRIBUTE, None), property):
+        return False
+    if getattr(module, "virtual_batch_size", None) is not None:  # ghost batch norm: torch.nn has none
         return False
     return not (isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params())
 
@@ -93,6 +101,13 @@ class TraceableLazy:
 
 def _with_twins(fuser: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     def fuse(is_qat: bool, *modules: nn.Module) -> nn.Module:
+        ghost = [m for m in modules if getattr(m, "virtual_batch_size", None) is not None]
+        if is_qat and ghost:
+            raise TypeError(
+                f"fuse_modules_qat: {type(ghost[0]).__name__}(virtual_batch_size={ghost[0].virtual_batch_size}) "
+                "cannot be fused for quantization-aware training: torch's fused batch-norm modules have no ghost "
+                "batch norm (fuse_modules in eval mode folds it, as inference does not use virtual batches)"
+            )
         return fuser(is_qat, *(torch_twin(m) if _has_twin(m) else m for m in modules))
 
     fuse.__name__ = fuse.__qualname__ = getattr(fuser, "__name__", "fuse")

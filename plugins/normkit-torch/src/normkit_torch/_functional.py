@@ -204,22 +204,32 @@ def batch_norm(
     training: bool = False,
     momentum: Union[float, Tensor] = 0.1,
     eps: float = 1e-5,
+    virtual_batch_size: Optional[int] = None,
 ) -> Tensor:
     """``F.batch_norm``: channels on axis 1; in training the running buffers are updated in place.
 
     ``momentum`` may also be a 0-d tensor (the cumulative average ``1 / num_batches_tracked`` while
     torch.compile traces, where a Python float of a buffer would break the graph): the core computes then.
+    ``virtual_batch_size`` (ghost batch norm, ``normkit.batch_norm``'s): in training each run of that many
+    samples is normalized by its own statistics, by the core (torch has no such kernel); TorchScript refuses it.
     """
     if _is_scripting():
         assert isinstance(momentum, float)
+        if training and virtual_batch_size is not None:
+            raise RuntimeError(
+                "batch_norm: virtual_batch_size (ghost batch norm) does not run in TorchScript (torch has no such "
+                "kernel); script the module in eval mode, or train it in Python"
+            )
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
         return handle_torch_function(
             batch_norm, (input, running_mean, running_var, weight, bias), input, running_mean, running_var,
-            weight, bias, training=training, momentum=momentum, eps=eps,
+            weight, bias, training=training, momentum=momentum, eps=eps, virtual_batch_size=virtual_batch_size,
         )
     fn = kernel_for("batch_norm", input)
-    if fn is not None and not isinstance(momentum, Tensor):
+    # one virtual batch of the whole (known) batch is plain batch norm, kernels included
+    ghost = training and virtual_batch_size is not None and virtual_batch_size != input.shape[0]
+    if fn is not None and not isinstance(momentum, Tensor) and not ghost:
         return fn(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if training:
         _verify_batch_size(input.size())
@@ -229,7 +239,8 @@ def batch_norm(
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     _check_features(input.shape[1], 1, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     out = normkit.batch_norm(
-        input, running_mean, running_var, weight, bias, training=training, momentum=momentum, eps=eps, axis=1, xp=xp
+        input, running_mean, running_var, weight, bias, training=training, momentum=momentum, eps=eps, axis=1,
+        virtual_batch_size=virtual_batch_size if training else None, xp=xp,
     )
     if training and running_mean is not None and running_var is not None:
         with torch.no_grad():
