@@ -138,9 +138,9 @@ def batch_norm(
     batch ``g``, each normalized by its own statistics; V must divide the batch (ValueError naming
     both), checked when tracing where the batch is known, else by the reshape at run time. The
     running statistics are updated ONCE with the merge (Chan) of the virtual batches' statistics,
-    i.e. the whole batch's: Keras 2 folded the mean of their biased variances instead, smaller by
-    the spread of their means (and by ``(V-1)/V`` in expectation), so normkit's running statistics
-    estimate the population as plain batch norm's do. ``V`` equal to the batch is plain batch norm.
+    i.e. the whole batch's, the population estimate plain batch norm folds (Keras 2 folded the mean
+    of their biased variances, low by the spread of their means and by ``(V-1)/V`` in expectation;
+    see ``normkit._ghost``). ``V`` equal to the batch is plain batch norm.
     """
     if xp is None:
         xp = array_namespace(

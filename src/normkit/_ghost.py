@@ -5,6 +5,14 @@ the consecutive samples ``g*V .. g*V + V - 1``, and each is normalized by its ow
 (biased variance, centred first, as plain batch norm). The running statistics take one update per
 call with the MERGE of the G virtual batches' ``(count, mean, M2)`` (Chan's formula for G sets at
 once): that is the whole batch's statistics, so the running statistics do not depend on V.
+
+Keras 2 (tf.keras, measured with tf_keras 2.21) differs twice: its virtual batch g held the strided
+samples g, g+G, g+2G, ... (a reshape to (V, G, ...)), and it folded the mean of the virtual batches'
+biased variances: the batch's minus the spread of their means, in expectation (V-1)/V of the
+population variance where the batch's is (N-1)/N (a quarter low for V = 4). normkit takes
+consecutive samples (the paper's split, torch's ``chunk``: a batch concatenated from per-device
+parts keeps each part's statistics) and folds the merge, the estimate plain batch norm folds.
+Both make one update per call (not one per virtual batch).
 """
 
 from __future__ import annotations
