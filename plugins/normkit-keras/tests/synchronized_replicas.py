@@ -1,4 +1,4 @@
-"""Run by test_layers.py in a subprocess: synchronized=True across two replicas of a MirroredStrategy on CPU."""
+"""Run by test_synchronized.py in a subprocess: synchronized=True across two replicas of a MirroredStrategy on CPU."""
 
 import os, sys
 os.environ["KERAS_BACKEND"] = "tensorflow"
@@ -29,3 +29,50 @@ np.testing.assert_allclose(yo, want, rtol=2e-4, atol=2e-4)
 np.testing.assert_allclose(ours.moving_variance.numpy(), 0.5 + 0.5 * x.var(0), rtol=1e-5)
 np.testing.assert_allclose(ours.moving_mean.numpy(), 0.5 * x.mean(0), rtol=1e-5, atol=1e-6)
 print("OK", strategy.num_replicas_in_sync)
+
+# float64, an uneven global batch of 7 (the replicas get 4 and 3), two training steps: outputs, input and
+# weight gradients and moving statistics equal one replica on the whole batch (float64 NumPy reference)
+from normkit.testing import reference
+
+keras.config.set_floatx("float64")
+rng = np.random.default_rng(1)
+with strategy.scope():
+    layer = nk.BatchNormalization(synchronized=True, momentum=0.6, dtype="float64")
+    layer.build((None, 3))
+    layer.set_weights([1.0 + 0.3 * rng.normal(size=3), 0.2 * rng.normal(size=3), rng.normal(size=3),
+                       rng.uniform(0.5, 1.5, size=3)])
+
+
+@tf.function
+def train_step(batch):
+    def replica(xb, gb):
+        with tf.GradientTape() as tape:
+            tape.watch(xb)
+            y = layer(xb, training=True)
+            loss = tf.reduce_sum(y * gb)
+        return (y,) + tuple(tape.gradient(loss, [xb, layer.gamma.value, layer.beta.value]))
+    return strategy.run(replica, args=batch)
+
+
+def local(values):
+    return [t.numpy() for t in strategy.experimental_local_results(values)]
+
+
+gamma, beta, mean, var = [w.copy() for w in layer.get_weights()]
+for step in range(2):
+    x = np.array([-2.0, 0.0, 3.0]) + rng.normal(size=(7, 3)) * np.array([1.0, 2.0, 0.5])
+    g = rng.normal(size=(7, 3))
+    ds = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((x, g)).batch(7))
+    y, dx, dgamma, dbeta = (local(v) for v in train_step(next(iter(ds))))
+    assert [len(a) for a in y] == [4, 3], [a.shape for a in y]
+    want, mean, var = reference.batch_norm(x, mean, var, gamma, beta, training=True, momentum=0.4, eps=1e-3, axis=-1,
+                                           correction=0)
+    want_dx, want_dgamma, want_dbeta = reference.batch_norm_grad(x, g, gamma, axis=-1, eps=1e-3)
+    tight = dict(rtol=1e-10, atol=1e-12)  # float64 sums of 7 values of size < 10: round-off below 1e-14
+    np.testing.assert_allclose(np.concatenate(y), want, **tight)
+    np.testing.assert_allclose(np.concatenate(dx), want_dx, **tight)
+    np.testing.assert_allclose(sum(dgamma), want_dgamma, **tight)  # each replica's own sum, as for any weight
+    np.testing.assert_allclose(sum(dbeta), want_dbeta, **tight)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), mean, **tight)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), var, **tight)
+print("OK float64", strategy.num_replicas_in_sync)

@@ -10,6 +10,7 @@ On TensorFlow, ``normkit.batch_norm`` runs the fused kernel the plugin offers (`
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import keras
@@ -27,6 +28,10 @@ def core_arguments(layer: keras.layers.BatchNormalization) -> dict[str, Any]:
                 allow_single_value=True)
 
 
+_KERAS_INIT = inspect.signature(keras.layers.BatchNormalization.__init__)
+_SYNCHRONIZED_POSITION = list(_KERAS_INIT.parameters).index("synchronized") - 1  # in args, self excluded
+
+
 @keras.saving.register_keras_serializable(package="normkit")
 class BatchNormalization(keras.layers.BatchNormalization):
     """Normalizes per feature (``axis``) with the batch's statistics in training, the moving ones otherwise.
@@ -40,8 +45,48 @@ class BatchNormalization(keras.layers.BatchNormalization):
     Constructor, weights and config are Keras's (this class subclasses it). ``mask`` (rank
     ``ndim - 1``, True where a position counts) excludes positions from the batch statistics;
     ``renorm=True`` is batch renormalization as Keras computes it; ``synchronized=True`` merges
-    every replica's statistics (``_synchronized``). Integer inputs are computed in float32.
+    every replica's statistics on every backend (``_synchronized``). Integer inputs are computed in float32.
+    ``frozen=True`` (keyword beyond Keras's; set by ``normkit_keras.freeze``, saved in the config when
+    True) keeps the layer in inference behaviour for good: ``trainable`` stays False whatever is set.
     """
+
+    def __init__(self, *args: Any, frozen: bool = False, **kwargs: Any) -> None:
+        synchronized = _KERAS_INIT.bind(None, *args, **kwargs).arguments.get("synchronized", False)
+        if "synchronized" in kwargs:
+            kwargs["synchronized"] = False  # Keras refuses True off TensorFlow; normkit synchronizes everywhere
+        elif len(args) > _SYNCHRONIZED_POSITION:
+            args = args[:_SYNCHRONIZED_POSITION] + (False,) + args[_SYNCHRONIZED_POSITION + 1:]
+        super().__init__(*args, **kwargs)
+        self.synchronized = bool(synchronized)
+        self._frozen = False
+        self.frozen = frozen
+
+    __init__.__signature__ = _KERAS_INIT  # type: ignore[attr-defined]
+
+    @property
+    def frozen(self) -> bool:
+        """True: inference behaviour for good (``trainable`` stays False); False: ``trainable`` decides, as in Keras."""
+        return self._frozen
+
+    @frozen.setter
+    def frozen(self, value: bool) -> None:
+        self._frozen = bool(value)
+        if self._frozen:
+            self.trainable = False
+
+    @property
+    def trainable(self) -> bool:
+        return keras.layers.BatchNormalization.trainable.fget(self)
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:  # a frozen layer ignores trainable=True (e.g. model.trainable = True)
+        keras.layers.BatchNormalization.trainable.fset(self, False if getattr(self, "_frozen", False) else value)
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        if self._frozen:
+            config["frozen"] = True
+        return config
 
     def call(self, inputs, training=None, mask=None):
         if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
@@ -58,15 +103,19 @@ class BatchNormalization(keras.layers.BatchNormalization):
         if train and self.renorm:
             y = self._renorm(xp, x, mask, gamma, beta)
         else:
-            batch_norm = _synchronized.batch_norm if train and self.synchronized else normkit.batch_norm
+            extra = {"layer": self._description()} if train and self.synchronized else {}
+            batch_norm = _synchronized.batch_norm if extra else normkit.batch_norm
             y, new_mean, new_var = batch_norm(
                 x, cast(xp, native(self.moving_mean), dtype), cast(xp, native(self.moving_variance), dtype), gamma,
-                beta, training=train, mask=mask if train else None, xp=xp, **core_arguments(self),
+                beta, training=train, mask=mask if train else None, xp=xp, **core_arguments(self), **extra,
             )
             if train:
                 self.moving_mean.assign(new_mean)
                 self.moving_variance.assign(new_var)
         return cast(xp, y, self.compute_dtype)
+
+    def _description(self) -> str:
+        return f"BatchNormalization {self.name!r}"
 
     def _renorm(self, xp, x, mask, gamma, beta):
         """Batch renormalization (Ioffe 2017) as Keras computes it: ``normalize(x) * (r * gamma) + (d * gamma + beta)``.
@@ -77,7 +126,12 @@ class BatchNormalization(keras.layers.BatchNormalization):
         """
         eps = self.epsilon
         dtype = dtype_name(x)
-        batch = normkit.batch_moments(x, axis=self.axis, mask=mask, xp=xp)
+        batch = None
+        if self.synchronized:
+            batch = _synchronized.global_moments(x, axis=self.axis, mask=mask, xp=xp, layer=self._description())
+        synchronized = batch is not None
+        if not synchronized:
+            batch = normkit.batch_moments(x, axis=self.axis, mask=mask, xp=xp)
         mean, var = batch.mean, batch.var
         stddev = xp.sqrt(var + eps)
         renorm_mean = cast(xp, native(self.renorm_mean), dtype)
@@ -98,7 +152,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
         bias = d if gamma is None else d * gamma
         if beta is not None:
             bias = bias + beta
-        y = normkit.normalize(x, mean, var, weight, bias, eps=eps, axis=self.axis, xp=xp)
+        if synchronized:
+            y = _synchronized.normalize(x, batch, weight, bias, eps=eps, axis=self.axis, mask=mask, xp=xp)
+        else:
+            y = normkit.normalize(x, mean, var, weight, bias, eps=eps, axis=self.axis, xp=xp)
         spread = normkit.Moments(count=1, mean=mean, m2=stddev)
         new_renorm_mean, new_renorm_stddev = normkit.update_running_stats(
             renorm_mean, renorm_stddev, spread, momentum=1.0 - float(self.renorm_momentum), correction=0, xp=xp)
