@@ -38,8 +38,11 @@ def _ghost(backend, x, *state, **kwargs):
     return backend.call(nk.batch_norm, args, dict(training=True, **kwargs))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("layout", LAYOUTS, ids=[lay[0] for lay in LAYOUTS])
+# each layout in float64 (tight), and float32 where a plugin kernel could answer plain batch norm
+COMBOS = [(lay, dtype) for lay in LAYOUTS for dtype in ("float64", "float32") if dtype == "float64" or lay[0] != "conv2d"]
+
+
+@pytest.mark.parametrize("layout,dtype", COMBOS, ids=[f"{lay[0]}-{dtype}" for lay, dtype in COMBOS])
 def test_ghost_matrix(backend, dtype, layout):
     _, shape, axis, v = layout
     x, rm, rv, w, b = _data(shape, axis, dtype)

@@ -11,7 +11,8 @@ On TensorFlow, ``normkit.batch_norm`` runs the fused kernel the plugin offers (`
 from __future__ import annotations
 
 import inspect
-from typing import Any
+import numbers
+from typing import Any, Optional
 
 import keras
 
@@ -30,6 +31,26 @@ def core_arguments(layer: keras.layers.BatchNormalization) -> dict[str, Any]:
 
 _KERAS_INIT = inspect.signature(keras.layers.BatchNormalization.__init__)
 _SYNCHRONIZED_POSITION = list(_KERAS_INIT.parameters).index("synchronized") - 1  # in args, self excluded
+_SIGNATURE = _KERAS_INIT.replace(parameters=[  # Keras's, then normkit's two keywords before **kwargs
+    *list(_KERAS_INIT.parameters.values())[:-1],
+    inspect.Parameter("frozen", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool),
+    inspect.Parameter("virtual_batch_size", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Optional[int]),
+    list(_KERAS_INIT.parameters.values())[-1],
+])
+
+
+def _virtual_batch_size(value: Any, layer: keras.layers.BatchNormalization) -> Optional[int]:
+    """``virtual_batch_size`` checked as Keras 2 did: None or a positive int, and not with renorm or synchronized."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"virtual_batch_size must be None or a positive int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"virtual_batch_size must be None or a positive int (samples per virtual batch), got {value}")
+    for name in ("renorm", "synchronized"):
+        if getattr(layer, name):
+            raise ValueError(f"virtual_batch_size (ghost batch norm) cannot be combined with {name}=True")
+    return int(value)
 
 
 @keras.saving.register_keras_serializable(package="normkit")
@@ -48,9 +69,13 @@ class BatchNormalization(keras.layers.BatchNormalization):
     every replica's statistics on every backend (``_synchronized``). Integer inputs are computed in float32.
     ``frozen=True`` (keyword beyond Keras's; set by ``normkit_keras.freeze``, saved in the config when
     True) keeps the layer in inference behaviour for good: ``trainable`` stays False whatever is set.
+    ``virtual_batch_size=V`` (Keras 2's keyword; ghost batch norm, in the config when set): in training
+    each run of V consecutive samples is normalized by its own statistics and the moving statistics take
+    their merge (the whole batch's) once per call; V must divide the batch; not with renorm or synchronized.
     """
 
-    def __init__(self, *args: Any, frozen: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, frozen: bool = False, virtual_batch_size: Optional[int] = None,
+                 **kwargs: Any) -> None:
         synchronized = _KERAS_INIT.bind(None, *args, **kwargs).arguments.get("synchronized", False)
         if "synchronized" in kwargs:
             kwargs["synchronized"] = False  # Keras refuses True off TensorFlow; normkit synchronizes everywhere
@@ -58,10 +83,11 @@ class BatchNormalization(keras.layers.BatchNormalization):
             args = args[:_SYNCHRONIZED_POSITION] + (False,) + args[_SYNCHRONIZED_POSITION + 1:]
         super().__init__(*args, **kwargs)
         self.synchronized = bool(synchronized)
+        self.virtual_batch_size = _virtual_batch_size(virtual_batch_size, self)
         self._frozen = False
         self.frozen = frozen
 
-    __init__.__signature__ = _KERAS_INIT  # type: ignore[attr-defined]
+    __init__.__signature__ = _SIGNATURE  # type: ignore[attr-defined]
 
     @property
     def frozen(self) -> bool:
@@ -86,6 +112,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
         config = super().get_config()
         if self._frozen:
             config["frozen"] = True
+        if self.virtual_batch_size is not None:
+            config["virtual_batch_size"] = self.virtual_batch_size
         return config
 
     def call(self, inputs, training=None, mask=None):
@@ -105,6 +133,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
         else:
             extra = {"layer": self._description()} if train and self.synchronized else {}
             batch_norm = _synchronized.batch_norm if extra else normkit.batch_norm
+            if train and self.virtual_batch_size is not None:
+                extra = {"virtual_batch_size": self.virtual_batch_size}
             y, new_mean, new_var = batch_norm(
                 x, cast(xp, native(self.moving_mean), dtype), cast(xp, native(self.moving_variance), dtype), gamma,
                 beta, training=train, mask=mask if train else None, xp=xp, **core_arguments(self), **extra,
