@@ -204,6 +204,8 @@ def worker(rank: int, port: int, out: str, rounds: int) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:  # one CPU per rank, even under taskset -c 0
+        os.sched_setaffinity(0, {rank % os.cpu_count()})
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=120))
     result = {"timing": _timing(rank, rounds), "accuracy": _accuracy(rank)}

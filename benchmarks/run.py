@@ -256,7 +256,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="5 rounds instead of 21")
     ap.add_argument("--part", choices=sorted(PARTS), help="run one part in this process and print JSON")
-    ap.add_argument("--parts", default="torch,keras,numpy,jax", help="comma-separated parts to run")
+    ap.add_argument("--parts", default="torch,keras,numpy,jax,sync", help="comma-separated parts to run")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = ap.parse_args()
@@ -264,10 +264,16 @@ def main() -> None:
     if args.part:
         print(json.dumps(PARTS[args.part](rounds)))
         return
-    rows = []
+    rows, sync = [], ""
     for part in args.parts.split(","):
         t0 = time.perf_counter()
-        if part == "torch":
+        got = []
+        if part == "sync":  # two gloo processes, one CPU each: a report of its own (bench_sync.py)
+            import bench_sync
+
+            sync_rounds = 3 if args.quick else 15
+            sync = bench_sync.report(bench_sync.run(sync_rounds), sync_rounds)
+        elif part == "torch":
             import bench_torch
 
             got = bench_torch.collect(rounds, args.quick)
@@ -292,6 +298,7 @@ def main() -> None:
         "or function forced onto the generic core, as normkit_torch.set_kernel_policy(\"core\") does)", "",
         goals(rows), "",
         table(rows), "",
+        *([sync, ""] if sync else []),
     ])
     print(text)
     Path(args.out).write_text(text)
