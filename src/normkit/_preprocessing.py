@@ -45,7 +45,7 @@ def _stat(xp: Any, value: Any, name: str, pshape: tuple, bshape: tuple, dtype: A
         return None
     if pshape == ():
         arr = xp.asarray(value, dtype=dtype) if not hasattr(value, "shape") else xp.astype(value, dtype)
-        if arr.ndim != 0:
+        if len(arr.shape) != 0:  # len(shape): a tf.Variable has a shape but no ndim
             raise ValueError(f"{name} must be a scalar when axis=None, got shape {tuple(arr.shape)}")
         return arr
     return xp.reshape(as_param(xp, value, name, pshape, dtype, like), bshape)

@@ -571,5 +571,10 @@ def test_adapt_on_a_batched_dataset_of_scalars_raises_like_keras():
     scalar.adapt(dataset)
     np.testing.assert_allclose(np_(scalar.mean), 19.5)
     np.testing.assert_allclose(np_(scalar.variance), np.arange(40.0).var(), rtol=1e-6)
+    std = np.arange(40.0).std()  # and the layer of one statistic then standardizes (it raised on TensorFlow in 0.1)
+    np.testing.assert_allclose(np_(scalar(np.array([[19.5, 19.5 + std]], "float32"))), [[0.0, 1.0]], atol=1e-6)
+    lo_hi = nk.MinMaxScale(axis=None)
+    lo_hi.adapt(dataset)
+    np.testing.assert_allclose(np_(lo_hi(np.array([[0.0, 39.0, 19.5]], "float32"))), [[0.0, 1.0, 0.5]], atol=1e-6)
     with pytest.raises(ValueError, match="All `axis` values must be in the range"):
         nk.Standardize().adapt(tf.data.Dataset.from_tensor_slices(np.arange(4.0, dtype="float32")))
