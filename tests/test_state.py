@@ -178,3 +178,27 @@ def test_plan_by_mapping():
 
 def test_exported():
     assert nk.NormState is NormState and "NormState" in nk.__all__
+
+
+def test_norm_states_reads_a_model_of_either_framework_through_its_plugin():
+    """normkit.norm_states: a torch model through normkit-torch, a Keras model through normkit-keras (the
+    process's Keras backend), NormStates as they are; anything else is a TypeError naming the type."""
+    torch = pytest.importorskip("torch")
+    keras = pytest.importorskip("keras")
+    pytest.importorskip("normkit_torch")
+    pytest.importorskip("normkit_keras")
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.LayerNorm(4))
+    with torch.no_grad():
+        net[1].running_mean.copy_(torch.arange(4.0))
+    got = nk.norm_states(net)
+    assert list(got) == ["1", "2"] and [s.kind for s in got.values()] == ["batch", "layer"]
+    assert bitwise(got["1"].running_mean, np.arange(4.0, dtype="float32"))
+    model = keras.Sequential([keras.Input((5, 6)), keras.layers.BatchNormalization(momentum=0.9),
+                              keras.layers.GroupNormalization(groups=3)])
+    states = nk.norm_states(model)
+    assert [s.kind for s in states.values()] == ["batch", "group"]
+    assert next(iter(states.values())).momentum == 0.1 and next(iter(states.values())).eps == 1e-3
+    assert nk.norm_states([batch_state()]) == {"0": batch_state()}
+    assert nk.norm_states({"a": batch_state()}) == {"a": batch_state()}
+    with pytest.raises(TypeError, match="cannot read normalization states from int"):
+        nk.norm_states(3)

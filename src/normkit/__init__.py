@@ -12,7 +12,7 @@ from normkit._moments import Moments, MomentsResult, batch_moments, moments
 from normkit._namespace import array_namespace
 from normkit._preprocessing import min_max_scale, standardize
 from normkit._running import update_running_stats
-from normkit._state import NormState, StateCopyReport
+from normkit._state import NormState, StateCopyReport, norm_states
 from normkit.plugin.spec import hookimpl
 
 from normkit._namespace import warm_up as _warm_up
@@ -40,4 +40,5 @@ __all__ = [
     "hookimpl",
     "NormState",
     "StateCopyReport",
+    "norm_states",
 ]

@@ -4,7 +4,8 @@ A plugin reads a layer into a ``NormState`` (``get_state``), writes one into a l
 or builds a layer from one (``from_state``), translating its framework's conventions at that edge:
 torch's momentum is the state's, Keras's is ``1 - momentum``; both frameworks' ``running_var`` is
 the population-variance estimate the inference formula uses, so it is copied unchanged.
-``StateCopyReport`` pairs the normalization layers of two models for the plugins' whole-model copy.
+``StateCopyReport`` pairs the normalization layers of two models for the plugins' whole-model copy;
+``norm_states`` reads every layer's state of a model of any framework that has a normkit plugin.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["NormState", "StateCopyReport", "KINDS"]
+__all__ = ["NormState", "StateCopyReport", "KINDS", "norm_states"]
 
 KINDS = ("batch", "layer", "group", "instance", "rms")
 _DTYPES = ("float16", "float32", "float64", "bfloat16")
@@ -370,3 +371,28 @@ class StateCopyReport:
         if self.unmatched_target:
             lines.append(f"  target layers without a source: {self.unmatched_target}")
         return "\n".join(lines)
+
+
+def norm_states(source: Any) -> dict[str, NormState]:
+    """``{name: NormState}`` of every normalization layer of ``source``, in definition order.
+
+    ``source`` is a model of any framework with a normkit plugin (read by that plugin's ``norm_states``:
+    the plugin of the most derived class's library, so a Keras model on the torch backend is Keras's), a
+    mapping ``{name: NormState}``, or a sequence of ``NormState`` (named ``"0"``, ``"1"``, ...).
+    """
+    if isinstance(source, Mapping):
+        return dict(source)
+    if isinstance(source, Sequence) and not isinstance(source, str) and all(isinstance(s, NormState) for s in source):
+        return {str(i): s for i, s in enumerate(source)}
+    from normkit.plugin.manager import framework, frameworks
+
+    known = frameworks()  # only a library that defines one of source's classes is imported
+    for cls in type(source).__mro__:
+        root = cls.__module__.split(".")[0]
+        for name, module in known.items():
+            if root in (name, module.split(".")[0]):
+                reader = getattr(framework(name), "norm_states", None)
+                if reader is not None:
+                    return reader(source)
+    raise TypeError(f"cannot read normalization states from {type(source).__name__}: not a model of a framework "
+                    f"with a normkit plugin ({sorted(known)}), a mapping or a sequence of NormState")

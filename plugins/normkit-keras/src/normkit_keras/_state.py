@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import keras
 import numpy as np
 
+import normkit
 from normkit import NormState, StateCopyReport
 from normkit_keras import _batch_normalization as _bn
 from normkit_keras import _family as _fam
@@ -337,23 +338,8 @@ def norm_states(model: Any) -> dict[str, NormState]:
 
 
 def _source_states(source: Any) -> dict[str, NormState]:
-    if isinstance(source, keras.layers.Layer):
-        return norm_states(source)
-    if isinstance(source, Mapping):
-        return dict(source)
-    if isinstance(source, Sequence) and all(isinstance(s, NormState) for s in source):
-        return {str(i): s for i, s in enumerate(source)}
-    from normkit.plugin.manager import framework, frameworks
-
-    # another framework's model: asked of the plugin whose library defines one of its classes (no import of
-    # a framework the object cannot belong to)
-    roots = {cls.__module__.split(".")[0] for cls in type(source).__mro__}
-    for name, module in frameworks().items():
-        if name != "keras" and (name in roots or module.split(".")[0] in roots):
-            reader = getattr(framework(name), "norm_states", None)
-            if reader is not None:
-                return reader(source)
-    raise TypeError(f"cannot read normalization states from {type(source).__name__}")
+    """States from a Keras model, else as ``normkit.norm_states`` reads them (NormStates, another framework's model)."""
+    return norm_states(source) if isinstance(source, keras.layers.Layer) else normkit.norm_states(source)
 
 
 def copy_norm_states(source: Any, target: Any, *, mapping: Optional[Mapping[str, str]] = None,

@@ -26,6 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
+import normkit
 from normkit import NormState, StateCopyReport
 from normkit_torch import _batchnorm as bn
 from normkit_torch import _instancenorm as inorm
@@ -289,25 +290,11 @@ def norm_states(model: nn.Module) -> dict[str, NormState]:
 
 
 def _source_states(source: Any) -> dict[str, NormState]:
-    """States from a torch model, a mapping or sequence of ``NormState``, or a model of another framework."""
+    """States from a torch model, else as ``normkit.norm_states`` reads them (NormStates, another framework's model)."""
     keras = sys.modules.get("keras")  # Keras layers are torch modules on Keras's torch backend: not ours
     if isinstance(source, nn.Module) and not (keras is not None and isinstance(source, keras.layers.Layer)):
         return norm_states(source)
-    if isinstance(source, Mapping):
-        return dict(source)
-    if isinstance(source, Sequence) and all(isinstance(s, NormState) for s in source):
-        return {str(i): s for i, s in enumerate(source)}
-    from normkit.plugin.manager import framework, frameworks
-
-    # another framework's model: asked of the plugin whose library defines one of its classes (no import of
-    # a framework the object cannot belong to)
-    roots = {cls.__module__.split(".")[0] for cls in type(source).__mro__}
-    for name, module in frameworks().items():
-        if name != "torch" and (name in roots or module.split(".")[0] in roots):
-            reader = getattr(framework(name), "norm_states", None)
-            if reader is not None:
-                return reader(source)
-    raise TypeError(f"cannot read normalization states from {type(source).__name__}")
+    return normkit.norm_states(source)
 
 
 def copy_norm_states(
