@@ -99,8 +99,8 @@ MUTANTS += [
            "            pass\n", (TORCH_CONF, TORCH_UNIT)),
     Mutant("torch-core-weight-bias-swapped", "the core path passes bias as weight and weight as bias",
            "plugins/normkit-torch/src/normkit_torch/_functional.py",
-           "input, running_mean, running_var, weight, bias, training=training, momentum=momentum, eps=eps, axis=1, xp=xp",
-           "input, running_mean, running_var, bias, weight, training=training, momentum=momentum, eps=eps, axis=1, xp=xp",
+           "input, running_mean, running_var, weight, bias, training=training, momentum=momentum, eps=eps, axis=1,\n",
+           "input, running_mean, running_var, bias, weight, training=training, momentum=momentum, eps=eps, axis=1,\n",
            (TORCH_CONF, TORCH_UNIT)),
     Mutant("torch-kernel-impure", "normkit.batch_norm on torch tensors updates the caller's running statistics in place",
            "plugins/normkit-torch/src/normkit_torch/_kernels.py",
@@ -225,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.only) - {m.name for m in MUTANTS}
     if unknown:
         parser.error(f"unknown mutants {sorted(unknown)}")
+    stale = [f"{m.name}: the snippet occurs {(ROOT / m.path).read_text().count(m.find)} times in {m.path}"
+             for m in mutants if (ROOT / m.path).read_text().count(m.find) != 1]
+    if stale:  # before any test runs: a snippet the code no longer has is a catalogue to update
+        print("\n".join(["MUTANT SNIPPETS OUT OF DATE (each must occur exactly once):", *stale]))
+        return 2
     # the same tests on the unmutated copy first: a kill only counts when they pass without the bug
     baselines = {(m.tests, m.env): Mutant(f"baseline-{i}", "no bug", "", "", "", m.tests, m.env)
                  for i, m in enumerate(mutants)}
