@@ -34,8 +34,6 @@ SHAPES = [  # per-rank batch (N, C, H, W)
     ("conv 32x256x7x7", (32, 256, 7, 7)),
     ("small 8x32x8x8", (8, 32, 8, 8)),
 ]
-COLLECTIVES = ("all_gather", "all_gather_single", "all_gather_into_tensor", "all_reduce", "broadcast",
-               "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "barrier")
 
 
 # ---------------------------------------------------------------- the hand-written baseline
@@ -83,31 +81,6 @@ def naive_sync_batch_norm_class() -> type:
 # ---------------------------------------------------------------- one rank
 
 
-class CountCollectives:
-    """Names of the torch.distributed collectives called inside the block."""
-
-    def __enter__(self) -> "CountCollectives":
-        import torch.distributed as dist
-
-        self.calls: list[str] = []
-        self._saved = {n: getattr(dist, n) for n in COLLECTIVES if hasattr(dist, n)}
-        for name, fn in self._saved.items():
-            setattr(dist, name, self._counted(name, fn))
-        return self
-
-    def _counted(self, name: str, fn: Callable) -> Callable:
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            self.calls.append(name)
-            return fn(*args, **kwargs)
-        return counted
-
-    def __exit__(self, *exc: Any) -> None:
-        import torch.distributed as dist
-
-        for name, fn in self._saved.items():
-            setattr(dist, name, fn)
-
-
 def _modules(c: int, dtype: Any) -> dict[str, Any]:
     import torch
     from torch import nn
@@ -125,6 +98,7 @@ def _modules(c: int, dtype: Any) -> dict[str, Any]:
 def _timing(rank: int, rounds: int) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
+    from normkit_torch import testing
 
     out: dict[str, Any] = {}
     for label, shape in SHAPES:
@@ -139,9 +113,9 @@ def _timing(rank: int, rounds: int) -> dict[str, Any]:
 
         calls = {}
         for name, m in mods.items():
-            with CountCollectives() as fwd:
+            with testing.CountCollectives() as fwd:
                 y = m(x)
-            with CountCollectives() as bwd:
+            with testing.CountCollectives() as bwd:
                 (y * g).sum().backward()
             calls[name] = (fwd.calls, bwd.calls)
         per_round: dict[str, list[float]] = {name: [] for name in mods}
@@ -179,7 +153,7 @@ def _accuracy(rank: int) -> dict[str, Any]:
         start = sum(sizes[:rank])
         x = x_all[start:start + sizes[rank]]
         ref = nn.BatchNorm2d(16, momentum=1.0, dtype=torch.float64)
-        y_ref = ref(x_all.double())[start:start + sizes[rank]]
+        y_ref = ref(x_all.double())[start:start + sizes[rank]].detach()
         n = x_all.numel() // 16
         var_ref = ref.running_var * (n - 1) / n  # biased
         row = {}

@@ -84,33 +84,7 @@ def _slice(t: torch.Tensor, sizes: tuple[int, ...], rank: int) -> torch.Tensor:
     return t[start:start + sizes[rank]]
 
 
-_COLLECTIVES = ("all_gather", "all_gather_single", "all_gather_into_tensor", "all_reduce", "broadcast", "reduce",
-                "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "gather", "scatter", "barrier")
-
-
-class CountCollectives:
-    """Counts the calls to torch.distributed's public collectives inside the block (names in ``calls``)."""
-
-    def __enter__(self) -> "CountCollectives":
-        import torch.distributed as dist
-
-        self.calls: list[str] = []
-        self._saved = {name: getattr(dist, name) for name in _COLLECTIVES if hasattr(dist, name)}
-        for name, fn in self._saved.items():
-            setattr(dist, name, self._counted(name, fn))
-        return self
-
-    def _counted(self, name: str, fn: Any) -> Any:
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            self.calls.append(name)
-            return fn(*args, **kwargs)
-        return counted
-
-    def __exit__(self, *exc: Any) -> None:
-        import torch.distributed as dist
-
-        for name, fn in self._saved.items():
-            setattr(dist, name, fn)
+from normkit_torch.testing import CountCollectives  # noqa: E402  (re-exported for the tests)
 
 
 def run_layer_case(case: dict[str, Any], rank: int, seed: int, dtype: torch.dtype = F64) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from torch import nn
 import normkit_torch as nkt
 from normkit_torch._convert import constructor_kwargs
 
-__all__ = ["TorchHarness"]
+__all__ = ["TorchHarness", "CountCollectives"]
 
 State = dict[str, np.ndarray]
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -335,3 +335,32 @@ def _float_dtype(layer: nn.Module) -> Any:
         if t.is_floating_point():
             return t.dtype
     return None
+
+
+_COLLECTIVES = ("all_gather", "all_gather_single", "all_gather_into_tensor", "all_reduce", "broadcast", "reduce",
+                "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "gather", "scatter", "barrier")
+
+
+class CountCollectives:
+    """Counts the calls to torch.distributed's public collectives inside the block (their names, in ``calls``)."""
+
+    def __enter__(self) -> "CountCollectives":
+        import torch.distributed as dist
+
+        self.calls: list[str] = []
+        self._saved = {name: getattr(dist, name) for name in _COLLECTIVES if hasattr(dist, name)}
+        for name, fn in self._saved.items():
+            setattr(dist, name, self._counted(name, fn))
+        return self
+
+    def _counted(self, name: str, fn: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            return fn(*args, **kwargs)
+        return counted
+
+    def __exit__(self, *exc: Any) -> None:
+        import torch.distributed as dist
+
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
