@@ -9,30 +9,14 @@ roundings of ``w * gamma / sqrt(var + eps)``, rtol 1e-13.
 
 from __future__ import annotations
 
-import os
 import warnings
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
+import pytest
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-torch = pytest.importorskip("torch")
-keras = pytest.importorskip("keras")
-nkt = pytest.importorskip("normkit_torch")
-nkk = pytest.importorskip("normkit_keras")
+from frameworks import float64, keras, nkk, nkt, torch  # noqa: F401  (float64: a fixture)
 
 TOL = dict(rtol=1e-13, atol=1e-15)
-
-
-@pytest.fixture
-def float64():
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    yield
-    keras.config.set_floatx("float32")
-    keras.config.set_dtype_policy("float32")
 
 
 def bn_values(c: int, seed: int) -> dict[str, np.ndarray]:

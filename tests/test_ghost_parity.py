@@ -14,35 +14,17 @@ atol 1e-12 is over 100x the round-off (a few 1e-16 per step).
 
 from __future__ import annotations
 
-import os
+import numpy as np
+import pytest
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from frameworks import NOT_TENSORFLOW, TENSORFLOW, float64, nkk, nkt, torch  # noqa: F401  (float64: a fixture)
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-torch = pytest.importorskip("torch")
-keras = pytest.importorskip("keras")
-nkt = pytest.importorskip("normkit_torch")
-nkk = pytest.importorskip("normkit_keras")
-
-if keras.backend.backend() != "tensorflow":  # pragma: no cover - the core process runs TensorFlow
-    pytest.skip("Keras computes float64 layers here on TensorFlow, the core test process's backend",
-                allow_module_level=True)
+if not TENSORFLOW:  # pragma: no cover - the core process runs TensorFlow
+    pytest.skip(NOT_TENSORFLOW, allow_module_level=True)
 
 import tensorflow as tf  # noqa: E402
 
 TOL = dict(rtol=1e-11, atol=1e-12)
-
-
-@pytest.fixture
-def float64():
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    yield
-    keras.config.set_floatx("float32")
-    keras.config.set_dtype_policy("float32")
 
 
 def nhwc(a: np.ndarray) -> np.ndarray:

@@ -15,20 +15,13 @@ and atol 1e-12 leave over 100x margin over the measured 2e-15.
 
 from __future__ import annotations
 
-import os
+import numpy as np
+import pytest
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from frameworks import NOT_TENSORFLOW, TENSORFLOW, float64, keras, nkt, torch  # noqa: F401  (float64: a fixture)
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-torch = pytest.importorskip("torch")
-keras = pytest.importorskip("keras")
-nkt = pytest.importorskip("normkit_torch")
-
-if keras.backend.backend() != "tensorflow":  # pragma: no cover - the core process runs TensorFlow
-    pytest.skip("Keras computes BatchNormalization in float32 on the jax and torch backends", allow_module_level=True)
+if not TENSORFLOW:  # pragma: no cover - the core process runs TensorFlow
+    pytest.skip(NOT_TENSORFLOW, allow_module_level=True)
 
 import tensorflow as tf  # noqa: E402
 
@@ -40,15 +33,6 @@ CASES = {
     "unclipped": dict(clipping={}, affine=True, shape=(6, 4, 5, 3)),
     "rmax-only-no-affine-1d": dict(clipping={"rmax": 1.2}, affine=False, shape=(16, 3)),
 }
-
-
-@pytest.fixture
-def float64():
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    yield
-    keras.config.set_floatx("float32")
-    keras.config.set_dtype_policy("float32")
 
 
 def channels_first(a: np.ndarray) -> np.ndarray:
