@@ -183,10 +183,7 @@ def test_exported():
 def test_norm_states_reads_a_model_of_either_framework_through_its_plugin():
     """normkit.norm_states: a torch model through normkit-torch, a Keras model through normkit-keras (the
     process's Keras backend), NormStates as they are; anything else is a TypeError naming the type."""
-    torch = pytest.importorskip("torch")
-    keras = pytest.importorskip("keras")
-    pytest.importorskip("normkit_torch")
-    pytest.importorskip("normkit_keras")
+    from frameworks import keras, torch  # both frameworks and plugins: test requirements, never skipped
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.LayerNorm(4))
     with torch.no_grad():
         net[1].running_mean.copy_(torch.arange(4.0))
