@@ -176,6 +176,7 @@ def _accuracy(rank: int) -> dict[str, Any]:
 def worker(rank: int, port: int, out: str, rounds: int) -> None:
     import torch
     import torch.distributed as dist
+    from normkit_torch import testing
 
     torch.set_num_threads(1)
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:  # one CPU per rank, even under taskset -c 0
@@ -185,8 +186,7 @@ def worker(rank: int, port: int, out: str, rounds: int) -> None:
     result = {"timing": _timing(rank, rounds), "accuracy": _accuracy(rank)}
     if rank == 0:
         Path(out).write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
+    testing.end_process_group()
 
 
 # ---------------------------------------------------------------- driver

@@ -126,7 +126,7 @@ def run_case(nk, case: dict[str, Any], seed: int, rank: int | None) -> dict[str,
     return out
 
 
-from normkit_torch.testing import CountCollectives  # noqa: E402  (re-exported for the tests)
+from normkit_torch.testing import CountCollectives, end_process_group  # noqa: E402  (CountCollectives: re-exported)
 
 
 def run_ddp(nk, rank: int) -> dict[str, Any]:
@@ -182,7 +182,7 @@ def main() -> None:
     except Exception:
         results["error"] = traceback.format_exc()
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -41,14 +41,17 @@ def main(rank: int, world: int, port: int, outdir: str) -> int:
     import torch.distributed as dist
 
     import normkit_torch as nkt
+    from normkit_torch.testing import end_process_group
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=20))
     try:
         model = nkt.recalibrate(build_model(), rank_batches(rank))
         torch.save(model.state_dict(), os.path.join(outdir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: the other rank may never reach it
+        raise
+    end_process_group()
     return 0
 
 

@@ -84,7 +84,7 @@ def _slice(t: torch.Tensor, sizes: tuple[int, ...], rank: int) -> torch.Tensor:
     return t[start:start + sizes[rank]]
 
 
-from normkit_torch.testing import CountCollectives  # noqa: E402  (re-exported for the tests)
+from normkit_torch.testing import CountCollectives, end_process_group  # noqa: E402  (CountCollectives: re-exported)
 
 
 def run_layer_case(case: dict[str, Any], rank: int, seed: int, dtype: torch.dtype = F64) -> dict[str, Any]:
@@ -170,7 +170,7 @@ def main() -> None:
     except Exception:
         results["error"] = traceback.format_exc()
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    end_process_group()
 
 
 if __name__ == "__main__":

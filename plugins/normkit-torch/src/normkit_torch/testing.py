@@ -21,7 +21,7 @@ from torch import nn
 import normkit_torch as nkt
 from normkit_torch._convert import constructor_kwargs
 
-__all__ = ["TorchHarness", "CountCollectives"]
+__all__ = ["TorchHarness", "CountCollectives", "end_process_group"]
 
 State = dict[str, np.ndarray]
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -364,3 +364,18 @@ class CountCollectives:
 
         for name, fn in self._saved.items():
             setattr(dist, name, fn)
+
+
+def end_process_group() -> None:
+    """A worker's clean end: free what still holds the group (DDP reducers), wait for every rank, then destroy it.
+
+    Without the barrier a rank that destroys its group and exits while the other still talks to it makes gloo
+    abort the other ("terminate called without an active exception", exit -6: seen once in a full test run).
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
