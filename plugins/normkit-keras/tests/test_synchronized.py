@@ -18,10 +18,8 @@ leaves a margin of 100 or more while local statistics are off by 1e-2 or more.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import keras
@@ -225,55 +223,13 @@ def test_jax_processes_without_a_distribution_raise(monkeypatch):
 # ----------------------------------------------------------------------------------------------------- torch
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch_pair(outdir: Path) -> tuple[list[int | None], str]:
-    """Both ranks of synchronized_torch_worker.py, killed at the deadline: (exit codes, their logs' tails)."""
-    port = _free_port()
-    env = {**os.environ, "KERAS_BACKEND": "torch", "OMP_NUM_THREADS": "1"}
-    logs = [open(outdir / f"rank{r}.log", "w+") for r in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(HERE / "synchronized_torch_worker.py"), str(r), "2", str(port),
-                               str(outdir)], stdout=logs[r], stderr=subprocess.STDOUT, env=env, cwd=HERE)
-             for r in range(2)]
-    end = time.monotonic() + DEADLINE_S
-    codes: list[int | None] = []
-    for p in procs:
-        try:
-            codes.append(p.wait(timeout=max(end - time.monotonic(), 0.1)))
-        except subprocess.TimeoutExpired:
-            codes.append(None)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    text = ""
-    for r, log in enumerate(logs):
-        log.seek(0)
-        text += f"--- rank {r} ---\n{log.read()[-3000:]}\n"
-        log.close()
-    return codes, text
-
-
 @pytest.fixture(scope="module")
 def torch_ranks(tmp_path_factory):
-    """What each of the two gloo ranks saved (one pair of workers for the module)."""
-    import torch
+    """What each of the two gloo ranks of synchronized_torch_worker.py saved (one pair of workers for the module)."""
+    from normkit_torch.testing import run_gloo_workers
 
-    for attempt in range(2):  # another process may take the free port between its choice and its use
-        outdir = tmp_path_factory.mktemp(f"gloo{attempt}")
-        codes, text = _launch_pair(outdir)
-        if codes == [0, 0] or "address already in use" not in text.lower():
-            break
-    assert None not in codes, f"the two gloo workers did not finish within {DEADLINE_S} s (killed)\n{text}"
-    assert codes == [0, 0], f"gloo workers failed with exit codes {codes}\n{text}"
-    ranks = [torch.load(outdir / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    for r, res in enumerate(ranks):
-        assert "error" not in res, f"rank {r} raised:\n{res['error']}"
-    return ranks
+    return run_gloo_workers(HERE / "synchronized_torch_worker.py", tmp_path_factory.mktemp("gloo"),
+                            deadline_s=DEADLINE_S, env={"KERAS_BACKEND": "torch"}, cwd=HERE)
 
 
 def _numpy_step(case: dict, data: dict, before: dict) -> dict:

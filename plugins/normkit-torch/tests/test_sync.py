@@ -14,11 +14,6 @@ from __future__ import annotations
 
 import datetime
 import inspect
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +26,7 @@ from torch import nn
 
 import normkit_torch as nkt
 import sync_worker as sw
+from normkit_torch.testing import run_gloo_workers
 
 TIGHT = dict(rtol=1e-10, atol=1e-12)
 F64 = torch.float64
@@ -38,52 +34,10 @@ DEADLINE_S = 90.0  # seconds for both workers to run every case; about 5 s idle,
 WORKER = Path(__file__).with_name("sync_worker.py")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(outdir: Path) -> tuple[list[int], str]:
-    """Both ranks, each writing ``rank{R}.pt``; killed at the deadline. Returns (exit codes, their output)."""
-    port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    logs = [open(outdir / f"rank{r}.log", "w+") for r in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), "2", str(port), str(outdir)],
-                              stdout=logs[r], stderr=subprocess.STDOUT, env=env) for r in range(2)]
-    end = time.monotonic() + DEADLINE_S
-    codes = []
-    for p in procs:
-        try:
-            codes.append(p.wait(timeout=max(end - time.monotonic(), 0.1)))
-        except subprocess.TimeoutExpired:
-            codes.append(None)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    text = ""
-    for r, log in enumerate(logs):
-        log.seek(0)
-        text += f"--- rank {r} ---\n{log.read()[-3000:]}\n"
-        log.close()
-    return codes, text
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict[str, Any]]:
     """What each of the two ranks saved; the workers run once for the whole module."""
-    for attempt in range(2):  # another process may take the free port between its choice and its use
-        outdir = tmp_path_factory.mktemp(f"sync{attempt}")
-        codes, text = _launch(outdir)
-        if codes == [0, 0] or "address already in use" not in text.lower():
-            break
-    assert None not in codes, f"the two gloo workers did not finish within {DEADLINE_S} s (killed)\n{text}"
-    assert codes == [0, 0], f"gloo workers failed with exit codes {codes}\n{text}"
-    results = [torch.load(outdir / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    for r, res in enumerate(results):
-        assert "error" not in res, f"rank {r} raised:\n{res['error']}"
-    return results
+    return run_gloo_workers(WORKER, tmp_path_factory.mktemp("sync"), deadline_s=DEADLINE_S)
 
 
 def _cat(ranks: list[dict], *path: Any) -> torch.Tensor:
@@ -274,10 +228,10 @@ def test_single_process_equals_batchnorm2d(kwargs):
     _steps_equal(*_pair(**kwargs))
 
 
-def test_world_of_one_is_plain_batch_norm():
+def test_world_of_one_is_plain_batch_norm(tmp_path):
     """An initialized group of one rank (a DDP script run alone): no collective, torch.nn's batch norm."""
     assert not dist.is_initialized()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
                             timeout=datetime.timedelta(seconds=20))
     try:
         with sw.CountCollectives() as counted:

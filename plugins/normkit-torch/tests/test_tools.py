@@ -10,11 +10,6 @@ two-pass moments in float64 over at most a few thousand values: rtol 1e-12.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -598,33 +593,15 @@ WORKER = Path(__file__).with_name("recalibrate_worker.py")
 DEADLINE_S = 20.0
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_recalibrate_across_two_gloo_processes(tmp_path):
     """Two ranks with uneven batches each end with the statistics of the union of their batches."""
     import recalibrate_worker as rw
+    from normkit_torch.testing import run_gloo_workers
 
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), "2", str(port), str(tmp_path)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) for r in range(2)]
-    end = time.monotonic() + DEADLINE_S
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=max(end - time.monotonic(), 0.1))[0].decode()[-2000:])
-        except subprocess.TimeoutExpired:
-            p.kill()
-            logs.append(p.communicate()[0].decode()[-2000:] + "\n(killed at the deadline)")
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)
+    states = run_gloo_workers(WORKER, tmp_path, deadline_s=DEADLINE_S)
     union = torch.cat(rw.rank_batches(0) + rw.rank_batches(1))
     single = nkt.recalibrate(rw.build_model(), [union])
-    for r in range(2):
-        state = torch.load(tmp_path / f"rank{r}.pt")
+    for r, state in enumerate(states):
         for k, v in single.state_dict().items():
             if "running" in k:
                 torch.testing.assert_close(state[k], v, rtol=1e-12, atol=1e-14, msg=f"rank {r} {k}")

@@ -21,7 +21,7 @@ from torch import nn
 import normkit_torch as nkt
 from normkit_torch._convert import constructor_kwargs
 
-__all__ = ["TorchHarness", "CountCollectives", "end_process_group"]
+__all__ = ["TorchHarness", "CountCollectives", "end_process_group", "run_gloo_workers"]
 
 State = dict[str, np.ndarray]
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -379,3 +379,70 @@ def end_process_group() -> None:
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(worker: Any, outdir: Any, deadline_s: float, env: Optional[dict], cwd: Any, world: int) -> tuple:
+    """Every rank of ``worker``, killed at the deadline: (exit codes, None for killed; their output tails)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    logs = [open(outdir / f"rank{r}.log", "w+") for r in range(world)]
+    procs = [subprocess.Popen([sys.executable, str(worker), str(r), str(world), str(port), str(outdir)],
+                              stdout=logs[r], stderr=subprocess.STDOUT, env=env, cwd=cwd) for r in range(world)]
+    end = time.monotonic() + deadline_s
+    codes: list = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(end - time.monotonic(), 0.1)))
+        except subprocess.TimeoutExpired:
+            codes.append(None)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    text = ""
+    for r, log in enumerate(logs):
+        log.seek(0)
+        text += f"--- rank {r} ---\n{log.read()[-3000:]}\n"
+        log.close()
+    return codes, text
+
+
+def run_gloo_workers(worker: Any, outdir: Any, *, deadline_s: float, env: Optional[dict] = None, cwd: Any = None,
+                     world: int = 2) -> list:
+    """Run ``python WORKER RANK WORLD PORT OUTDIR`` for each rank (gloo on 127.0.0.1) and return what each saved in
+    ``OUTDIR/rank{RANK}.pt``.
+
+    Bounded: every rank is killed at ``deadline_s``. A port another process took between its choice and its use is
+    retried once. Raises AssertionError with the exit codes and each rank's output when a rank is killed or does not
+    exit 0, and with the traceback when a rank saved ``{"error": traceback}``.
+    """
+    from pathlib import Path
+
+    for attempt in range(2):
+        run_dir = Path(outdir) / f"attempt{attempt}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        codes, text = _launch(worker, run_dir, deadline_s, env, cwd, world)
+        if codes == [0] * world or "address already in use" not in text.lower():
+            break
+    if None in codes:
+        raise AssertionError(f"the {world} gloo workers did not finish within {deadline_s} s (killed)\n{text}")
+    if codes != [0] * world:
+        raise AssertionError(f"gloo workers failed with exit codes {codes}\n{text}")
+    results = [torch.load(run_dir / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    for r, res in enumerate(results):
+        if isinstance(res, dict) and "error" in res:
+            raise AssertionError(f"rank {r} raised:\n{res['error']}")
+    return results
