@@ -169,7 +169,7 @@ MUTANTS += [
            ((KERAS, "tests/test_synchronized.py"),)),
     Mutant("keras-ghost-ignored", "virtual_batch_size accepted and ignored in training",
            "plugins/normkit-keras/src/normkit_keras/_batch_normalization.py",
-           'extra = {"virtual_batch_size": self.virtual_batch_size}', "extra = {}",
+           'extra["virtual_batch_size"] = self.virtual_batch_size', "pass",
            ((KERAS, "tests/test_ghost.py"),)),
     Mutant("keras-jax-shard-map-local", "inside shard_map each device merges its own statistics with zero rows (no psum)",
            "plugins/normkit-keras/src/normkit_keras/_synchronized.py",

@@ -7,6 +7,7 @@ Batch norm is three public steps: ``batch_moments`` (a batch's mergeable ``Momen
 
 from normkit._backward import BatchNormGrads, batch_norm_backward
 from normkit._batch_norm import BatchNormResult, batch_norm, normalize
+from normkit._ghost import check_virtual_batch_size
 from normkit._family import group_norm, instance_norm, layer_norm, rms_norm
 from normkit._moments import Moments, MomentsResult, batch_moments, moments
 from normkit._namespace import array_namespace
@@ -22,6 +23,7 @@ __version__ = "0.2.0.dev0"
 
 __all__ = [
     "batch_norm",
+    "check_virtual_batch_size",
     "BatchNormResult",
     "batch_moments",
     "update_running_stats",

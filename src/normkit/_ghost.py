@@ -17,13 +17,30 @@ Both make one update per call (not one per virtual batch).
 
 from __future__ import annotations
 
-from typing import Any
+import operator
+from typing import Any, Optional
 
 from normkit._moments import Moments, centered_moments, dynamic_count
 from normkit._running import update_running_stats
 from normkit._validate import as_int, as_param, compute_dtype, mask_weights, static_count
 
-__all__ = ["virtual_batch_size_value", "ghost_train"]
+__all__ = ["virtual_batch_size_value", "ghost_train", "check_virtual_batch_size"]
+
+
+def check_virtual_batch_size(value: Any) -> Optional[int]:
+    """A layer's ``virtual_batch_size`` argument at construction: None, or a positive int (NumPy integers
+    accepted); a bool, float or string is a TypeError and a value below 1 a ValueError, each naming it."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"virtual_batch_size must be None or a positive int, got {type(value).__name__} {value!r}") from None
+    if v <= 0:
+        raise ValueError(f"virtual_batch_size must be None or a positive int (samples per virtual batch), got {v}")
+    return v
 
 
 def virtual_batch_size_value(virtual_batch_size: Any, shape: tuple, f: int, training: bool) -> int:

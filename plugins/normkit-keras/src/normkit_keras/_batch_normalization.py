@@ -11,7 +11,6 @@ On TensorFlow, ``normkit.batch_norm`` runs the fused kernel the plugin offers (`
 from __future__ import annotations
 
 import inspect
-import numbers
 from typing import Any, Optional
 
 import keras
@@ -41,16 +40,11 @@ _SIGNATURE = _KERAS_INIT.replace(parameters=[  # Keras's, then normkit's two key
 
 def _virtual_batch_size(value: Any, layer: keras.layers.BatchNormalization) -> Optional[int]:
     """``virtual_batch_size`` checked as Keras 2 did: None or a positive int, and not with renorm or synchronized."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"virtual_batch_size must be None or a positive int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"virtual_batch_size must be None or a positive int (samples per virtual batch), got {value}")
+    v = normkit.check_virtual_batch_size(value)
     for name in ("renorm", "synchronized"):
-        if getattr(layer, name):
+        if v is not None and getattr(layer, name):
             raise ValueError(f"virtual_batch_size (ghost batch norm) cannot be combined with {name}=True")
-    return int(value)
+    return v
 
 
 @keras.saving.register_keras_serializable(package="normkit")
@@ -131,10 +125,11 @@ class BatchNormalization(keras.layers.BatchNormalization):
         if train and self.renorm:
             y = self._renorm(xp, x, mask, gamma, beta)
         else:
-            extra = {"layer": self._description()} if train and self.synchronized else {}
-            batch_norm = _synchronized.batch_norm if extra else normkit.batch_norm
-            if train and self.virtual_batch_size is not None:
-                extra = {"virtual_batch_size": self.virtual_batch_size}
+            synchronized = train and self.synchronized
+            batch_norm = _synchronized.batch_norm if synchronized else normkit.batch_norm
+            extra = {"layer": self._description()} if synchronized else {}
+            if train and self.virtual_batch_size is not None:  # never with synchronized (refused in __init__)
+                extra["virtual_batch_size"] = self.virtual_batch_size
             y, new_mean, new_var = batch_norm(
                 x, cast(xp, native(self.moving_mean), dtype), cast(xp, native(self.moving_variance), dtype), gamma,
                 beta, training=train, mask=mask if train else None, xp=xp, **core_arguments(self), **extra,

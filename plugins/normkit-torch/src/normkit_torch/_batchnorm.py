@@ -24,13 +24,13 @@ module has no torch.nn twin: torch.fx records it as a leaf, and a scripted one r
 from __future__ import annotations
 
 import inspect
-import operator
 from typing import Any, Callable, Optional
 
 from torch import Tensor, nn
 from torch.fx import Proxy
 from torch.nn.modules.batchnorm import _BatchNorm
 
+import normkit
 from normkit_torch import _deploy
 from normkit_torch._functional import _is_scripting, batch_norm, cumulative_momentum
 
@@ -45,28 +45,13 @@ __all__ = [
 ]
 
 
-def _virtual_batch_size(value: Any) -> Optional[int]:
-    """None, or a positive int (samples per virtual batch); anything else is refused by name."""
-    if value is None:
-        return None
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"virtual_batch_size must be None or a positive int, got {type(value).__name__} {value!r}") from None
-    if v <= 0:
-        raise ValueError(f"virtual_batch_size must be None or a positive int (samples per virtual batch), got {v}")
-    return v
-
-
 def _with_virtual_batch_size(torch_cls: type) -> Callable[..., None]:
     """An ``__init__`` with ``torch_cls``'s signature plus the keyword-only ``virtual_batch_size=None``."""
     torch_init = torch_cls.__init__
 
     def __init__(self: Any, *args: Any, virtual_batch_size: Optional[int] = None, **kwargs: Any) -> None:
         torch_init(self, *args, **kwargs)
-        self.virtual_batch_size = _virtual_batch_size(virtual_batch_size)
+        self.virtual_batch_size = normkit.check_virtual_batch_size(virtual_batch_size)
 
     signature = inspect.signature(torch_init)
     extra = inspect.Parameter("virtual_batch_size", inspect.Parameter.KEYWORD_ONLY, default=None,
