@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("src", "plugins", "tests", "conftest.py", "pyproject.toml")
-PYTHONPATHS = ("src", "plugins/normkit-torch/src", "plugins/normkit-keras/src")
+PYTHONPATHS = ("src", *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("plugins/*/src")))
 TIMEOUT = 600
 
 
@@ -183,6 +184,13 @@ MUTANTS += [
            '    return cast(xp, x, keras.backend.result_type(name, "float32"))', "    return x",
            ((KERAS, "tests/test_layers.py", "-k", "integer"),)),
 ]
+
+
+# more catalogues, one file per area (tools/mutant_catalogue/*.py): each defines MUTANTS with the names above
+CATALOGUE = ROOT / "tools" / "mutant_catalogue"
+for _file in sorted(CATALOGUE.glob("*.py")):
+    _names = {k: v for k, v in globals().items() if k.isupper() or k == "Mutant"}
+    MUTANTS += runpy.run_path(str(_file), init_globals=_names)["MUTANTS"]
 
 
 def _copy(dest: Path) -> None:
