@@ -30,6 +30,7 @@ LAYER_CASES: dict[str, dict[str, Any]] = {
 HALF_CASE = {"sizes": (3, 5), "spatial": (4, 4), "dtype": torch.float16}
 SHIFTED_CASE = {"sizes": (4, 4), "spatial": (16, 16), "offset": 1e4, "kwargs": {"momentum": 1.0}}
 DDP_SIZES, DDP_STEPS, DDP_LR = (4, 4), 3, 0.1
+GATHER = "all_gather_single" if hasattr(torch.distributed, "all_gather_single") else "all_gather_into_tensor"
 
 
 def offsets(sizes: tuple[int, ...]) -> list[int]:
@@ -152,6 +153,81 @@ def run_collectives(rank: int) -> dict[str, Any]:
     return {"count": merged.count, "mean": merged.mean, "m2": merged.m2}
 
 
+PENALTY_CASE = {"sizes": (3, 5), "spatial": (4,)}
+TIMEOUT_S = 3.0  # the process-group timeout of the divergence check's subgroup
+
+
+def run_penalty(rank: int) -> dict[str, Any]:
+    """A gradient penalty (second derivatives): sum(dL/dx ** 2) + sum(y ** 2) with L = sum(y * v), then backward."""
+    import normkit_torch as nkt
+
+    module = init_layer(nkt.SyncBatchNorm(C, dtype=F64))
+    sizes, spatial = PENALTY_CASE["sizes"], PENALTY_CASE["spatial"]
+    x = _slice(batch(sizes, spatial, seed=500), sizes, rank).requires_grad_()
+    v = _slice(batch(sizes, spatial, seed=501), sizes, rank)
+    y = module(x)
+    (g,) = torch.autograd.grad((y * v).sum(), x, create_graph=True)
+    (g.square().sum() + y.square().sum()).backward()
+    return {"grad_input": x.grad.clone(), "grad_weight": module.weight.grad.clone(),
+            "grad_bias": module.bias.grad.clone(), "first": g.detach().clone()}
+
+
+def _mismatch(fn: Any) -> dict[str, Any]:
+    """Run ``fn``; what it raised (type, text) and how long it took."""
+    import time
+
+    start = time.monotonic()
+    try:
+        fn()
+    except Exception as error:  # noqa: BLE001 (the test checks the type)
+        return {"type": type(error).__name__, "text": str(error), "seconds": time.monotonic() - start}
+    return {"type": None, "text": "", "seconds": time.monotonic() - start}
+
+
+def run_agreement(rank: int) -> dict[str, Any]:
+    """Ranks that call the same SyncBatchNorm differently: every rank raises (in lockstep: the group stays usable)."""
+    import normkit_torch as nkt
+
+    out: dict[str, Any] = {}
+    x = lambda n, c=C, dtype=F64: batch((n,), (2,), seed=600 + n, channels=c).to(dtype)  # noqa: E731
+    # a different feature count on the first call (the fixed-size signature gather)
+    out["features"] = _mismatch(lambda: nkt.SyncBatchNorm(3 + rank, dtype=F64)(x(4, 3 + rank)))
+    # a different dtype on the first call
+    dtype = (torch.float32, F64)[rank]
+    out["dtype"] = _mismatch(lambda: nkt.SyncBatchNorm(C, dtype=dtype)(x(4, dtype=dtype)))
+    # an agreed module: then one rank's input needs no gradient (a backward would follow on one rank only)
+    module = nkt.SyncBatchNorm(C, dtype=F64)
+    module(x(4).requires_grad_()).sum().backward()
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    out["grad"] = _mismatch(lambda: module(x(4).requires_grad_(rank == 0)))
+    out["grad_state_kept"] = all(torch.equal(v, module.state_dict()[k]) for k, v in state.items())
+    # one rank's input switches dtype after agreement; then both agree again: the group is still usable
+    out["dtype_later"] = _mismatch(lambda: module(x(4, dtype=(F64, torch.float32)[rank])))
+    out["after"] = module(x(3 + rank)).detach().clone()
+    # a module without parameters or running statistics takes any width: one rank changes it, then both do
+    free = nkt.SyncBatchNorm(C, affine=False, track_running_stats=False, dtype=F64)
+    free(x(4))
+    out["features_later"] = _mismatch(lambda: free(x(4, 3 + rank)))
+    out["wider"] = free(x(2 + rank, 5)).detach().clone()
+    # one value per channel over all ranks (1 + 0 samples): torch's error on every rank, nothing updated
+    single = nkt.SyncBatchNorm(C, dtype=F64)
+    out["one_value"] = _mismatch(lambda: single(batch((1 - rank,), (), seed=601)))  # (1, C) and (0, C)
+    out["one_value_tracked"] = int(single.num_batches_tracked)
+    out["one_value_running_var"] = single.running_var.clone()
+    return out
+
+
+def run_divergence(rank: int) -> dict[str, Any]:
+    """Rank 0 trains while rank 1 is in eval (no collective): rank 0 waits the group's timeout, then a clear error."""
+    import torch.distributed as dist
+
+    import normkit_torch as nkt
+
+    group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=TIMEOUT_S), backend="gloo")
+    module = nkt.SyncBatchNorm(C, dtype=F64, process_group=group).train(rank == 0)
+    return _mismatch(lambda: module(batch((4,), (2,), seed=700)))
+
+
 def main() -> None:
     rank, world, port, outdir = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     torch.set_num_threads(1)
@@ -167,6 +243,9 @@ def main() -> None:
         results["shifted"] = run_layer_case(SHIFTED_CASE, rank, seed=60, dtype=torch.float32)
         results["ddp"] = run_ddp(rank)
         results["collectives"] = run_collectives(rank)
+        results["penalty"] = run_penalty(rank)
+        results["agreement"] = run_agreement(rank)
+        results["divergence"] = run_divergence(rank)  # last: its subgroup is left broken
     except Exception:
         results["error"] = traceback.format_exc()
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))

@@ -113,10 +113,14 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(ranks, name):
 
 
 def test_one_collective_per_forward_and_per_backward_none_in_eval(ranks):
+    """A module's first forward also gathers the ranks' signatures alone (fixed size: it cannot fail on differing
+    feature counts); every later forward checks them inside the statistics' one all_gather."""
+    gather = sw.GATHER
     for res in ranks:
         for name in sw.LAYER_CASES:
-            for step in res[name]["steps"]:
-                assert step["collectives"] == (["all_gather_single"], ["all_reduce"]), name
+            first, second = (step["collectives"] for step in res[name]["steps"])
+            assert first == ([gather, gather], ["all_reduce"]), name
+            assert second == ([gather], ["all_reduce"]), name
             assert res[name]["eval_collectives"] == [], name
 
 
@@ -311,3 +315,78 @@ def test_merge_rows_of_any_world_size_equals_the_whole_data():
     alone = all_gather_moments(local_moments(x))
     assert alone.count.tolist() == [15.0] * sw.C and alone.mean.dtype == F64
     torch.testing.assert_close(alone.mean, x.mean(0), **TIGHT)
+
+
+# --- second derivatives, agreement, divergence (the same two workers) --------------------------------------
+
+
+def test_gradient_penalty_across_two_ranks_equals_one_process(ranks):
+    """Second derivatives: d/d(x, w, b) of sum((dL/dx)**2) + sum(y**2), L = sum(y * v), on 3 + 5 samples across
+    two ranks, equal torch.nn.BatchNorm1d's on the 8 samples in one process (the weight and bias gradients are
+    local sums whose total is the one-process gradient; float64, TIGHT)."""
+    sizes, spatial = sw.PENALTY_CASE["sizes"], sw.PENALTY_CASE["spatial"]
+    ref = _reference_layer({"spatial": spatial}, 0)
+    x = sw.batch(sizes, spatial, seed=500).requires_grad_()
+    y = ref(x)
+    (g,) = torch.autograd.grad((y * sw.batch(sizes, spatial, seed=501)).sum(), x, create_graph=True)
+    (g.square().sum() + y.square().sum()).backward()
+    torch.testing.assert_close(_cat(ranks, "penalty", "first"), g.detach(), **TIGHT)
+    torch.testing.assert_close(_cat(ranks, "penalty", "grad_input"), x.grad, **TIGHT)
+    for key, want in (("grad_weight", ref.weight.grad), ("grad_bias", ref.bias.grad)):
+        torch.testing.assert_close(ranks[0]["penalty"][key] + ranks[1]["penalty"][key], want, **TIGHT)
+
+
+def _raised(ranks: list[dict], key: str, kind: str, *needles: str) -> None:
+    """Every rank raised ``kind`` within 10 s (no process-group timeout) and its text names each needle."""
+    for r, res in enumerate(ranks):
+        got = res["agreement"][key]
+        assert got["type"] == kind, (r, key, got)
+        for needle in needles:
+            assert needle in got["text"], (r, key, needle, got["text"])
+        assert got["seconds"] < 10.0, (r, key, got["seconds"])
+
+
+def test_ranks_with_different_feature_counts_or_dtypes_both_raise_naming_them(ranks):
+    """SyncBatchNorm(3) on one rank, SyncBatchNorm(4) on the other (gloo used to abort with an enforce failure and
+    'connection reset'); float32 on one, float64 on the other: a SyncMismatchError on both ranks naming the field
+    and each rank's value; later on an agreed module, a dtype or width change on one rank only is caught too."""
+    _raised(ranks, "features", "SyncMismatchError", "features (rank 0: 3, rank 1: 4)")
+    _raised(ranks, "dtype", "SyncMismatchError", "dtype (rank 0: float32, rank 1: float64)")
+    _raised(ranks, "dtype_later", "SyncMismatchError", "dtype (rank 0: float64, rank 1: float32)")
+    _raised(ranks, "features_later", "SyncMismatchError", "features (rank 0: 3, rank 1: 4)")
+
+
+def test_a_rank_whose_input_needs_no_gradient_makes_both_raise_before_any_update(ranks):
+    """One rank's input requires grad, the other's not (one backward would wait in the all_reduce forever):
+    both ranks raise at the forward, the module's state untouched."""
+    _raised(ranks, "grad", "SyncMismatchError", "backward follows (rank 0: True, rank 1: False)")
+    assert all(res["agreement"]["grad_state_kept"] for res in ranks)
+
+
+def test_after_a_mismatch_the_group_still_works(ranks):
+    """The same rows on every rank: all raise at the same collective and the next call synchronizes normally
+    (3 + 4 samples; the statistics of the 7); a parameter-free module both ranks widen to 5 features too."""
+    x = lambda n, c=sw.C: sw.batch((n,), (2,), seed=600 + n, channels=c)  # noqa: E731
+    for key, parts, c in (("after", (x(3), x(4)), sw.C), ("wider", (x(2, 5), x(3, 5)), 5)):
+        whole = torch.cat(parts)
+        ref = nn.BatchNorm1d(c, affine=False, track_running_stats=False, dtype=F64)
+        torch.testing.assert_close(_cat(ranks, "agreement", key), ref(whole), **TIGHT)
+
+
+def test_one_value_per_channel_over_all_ranks_raises_torchs_error_on_every_rank(ranks):
+    """1 sample on rank 0 and 0 on rank 1 (the result was the bias): torch's ValueError on both ranks, nothing
+    updated (num_batches_tracked 0, running_var still ones)."""
+    _raised(ranks, "one_value", "ValueError", "Expected more than 1 value per channel when training")
+    for res in ranks:
+        assert res["agreement"]["one_value_tracked"] == 0
+        assert torch.equal(res["agreement"]["one_value_running_var"], torch.ones(sw.C, dtype=F64))
+
+
+def test_a_rank_in_eval_while_the_other_trains_ends_at_the_group_timeout_with_a_clear_error(ranks):
+    """No collective can see a rank that does not call: the training rank waits the process group's timeout
+    (3 s here) and raises SyncTimeoutError saying why; the eval rank (no collective, as torch's) returns."""
+    got, evaluating = ranks[0]["divergence"], ranks[1]["divergence"]
+    assert got["type"] == "SyncTimeoutError", got
+    assert "eval mode" in got["text"] and "init_process_group(timeout=" in got["text"], got["text"]
+    assert sw.TIMEOUT_S - 0.5 <= got["seconds"] < sw.TIMEOUT_S + 15.0, got["seconds"]
+    assert evaluating["type"] is None, evaluating

@@ -1,17 +1,23 @@
 """A drop-in for torch.nn.SyncBatchNorm on any torch.distributed backend (gloo on CPU, NCCL on CUDA).
 
-training, more than one rank: every rank's ``(count, mean, m2)`` from ``normkit.batch_moments``, one
-``all_gather`` and Chan's merge (``normkit_torch.distributed``) give the statistics of the
-concatenated batch; then, as one process on that batch,
+training, more than one rank: every rank's ``(count, mean, m2)`` from ``normkit.batch_moments`` and a
+signature (feature count, dtype, whether a backward follows, parameters, eps, momentum) go through
+ONE ``all_gather`` (``normkit_torch.distributed.agreed_moments``): a rank that differs makes every
+rank raise ``SyncMismatchError`` naming what differs; else Chan's merge gives the statistics of the
+concatenated batch, and as one process on that batch
 
     y = (x - mean) / sqrt(var + eps) * weight + bias                        (var biased, centred first)
     running stats: normkit.update_running_stats(..., correction=1) with the GLOBAL count (torch's unbiased)
-    grad_input = weight * invstd * (dy - SUM(dy) / n - xhat * SUM(dy * xhat) / n)   (SUM: all ranks, one all_reduce)
 
-``grad_weight = sum(dy * xhat)`` and ``grad_bias = sum(dy)`` stay local sums, which DDP then
-averages, exactly as torch's SyncBatchNorm. A rank with an empty batch (count 0) joins both
-collectives and contributes nothing. A single rank or no process group: the same function without
-collectives; eval mode: ``normkit.normalize`` with the running statistics (torch.nn.BatchNorm's result).
+The gather is differentiable (its backward is ONE ``all_reduce``, itself differentiable), so autograd
+gives the input gradient of the whole batch, second derivatives and gradient penalties included;
+``grad_weight`` and ``grad_bias`` stay local sums, which DDP then averages, as torch's SyncBatchNorm.
+A rank with an empty batch (count 0) joins every collective and contributes nothing; a total of one
+value per channel over all ranks raises torch's "Expected more than 1 value per channel" on every
+rank. A single rank or no process group: the same math without collectives, plain torch ops (so
+``torch.func`` transforms work wherever torch.nn.BatchNorm's do); eval mode with running statistics:
+``normkit.normalize`` with them. Eval mode never communicates (as torch's): with
+``track_running_stats=False`` it uses this rank's batch statistics.
 Only public normkit API is used (``batch_moments``, ``Moments``, ``update_running_stats``, ``normalize``).
 """
 
@@ -27,7 +33,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normkit_torch import _deploy
-from normkit_torch.distributed import all_gather_moments, all_reduce_sums, is_synchronized, local_moments
+from normkit_torch.distributed import agreed_moments, is_synchronized, local_moments, signature
 
 __all__ = ["SyncBatchNorm"]
 
@@ -36,61 +42,16 @@ def _channel_shape(x: Tensor) -> tuple[int, ...]:
     return (1, x.shape[1]) + (1,) * (x.ndim - 2)
 
 
-class _SyncBatchNormFunction(torch.autograd.Function):
-    """Forward: global statistics (one all_gather) and the normalized output; backward: one all_reduce of two sums."""
-
-    @staticmethod
-    def forward(ctx: Any, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                process_group: Any, synchronize: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        local = local_moments(input, axis=1)
-        total = all_gather_moments(local, process_group) if synchronize else _per_feature_count(local)
-        var = total.var  # biased; 0 for a feature no rank has values of
-        invstd = torch.rsqrt(var + eps)
-        if input.numel() > 0:
-            output = normkit.normalize(input, total.mean, var, weight, bias, eps=eps, axis=1)
-        else:
-            output = torch.empty_like(input)
-        ctx.save_for_backward(input, weight, total.mean, invstd, total.count)
-        ctx.process_group = process_group if synchronize else None
-        ctx.synchronize = synchronize
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(total.count, total.mean, total.m2)
-        return output, total.count, total.mean, total.m2
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: Tensor, *_: Any) -> tuple[Optional[Tensor], ...]:
-        input, weight, mean, invstd, count = ctx.saved_tensors
-        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        dtype, shape = mean.dtype, _channel_shape(input)
-        if input.numel() > 0:
-            dy = grad_output.to(dtype)
-            xhat = (input.to(dtype) - mean.reshape(shape)) * invstd.reshape(shape)  # centred first
-            axes = [0] + list(range(2, input.ndim))
-            sum_dy, sum_dy_xhat = dy.sum(axes), (dy * xhat).sum(axes)
-        else:  # an empty rank: zeros in the collective, zero parameter gradients (DDP's hooks still fire)
-            sum_dy = sum_dy_xhat = torch.zeros_like(mean)
-        grad_input = None
-        if need_input:  # torch's rule: the collective runs when the input needs a gradient (same on every rank)
-            total_dy, total_dy_xhat = sum_dy, sum_dy_xhat
-            if ctx.synchronize:
-                total_dy, total_dy_xhat = all_reduce_sums(sum_dy, sum_dy_xhat, process_group=ctx.process_group)
-            if input.numel() > 0:  # dy * scale - scale * SUM(dy) / n - xhat * scale * SUM(dy * xhat) / n
-                scale = invstd if weight is None else weight.to(dtype) * invstd
-                shift = -scale * total_dy / count
-                slope = -scale * total_dy_xhat / count
-                grad_input = torch.addcmul(shift.reshape(shape), dy, scale.reshape(shape))
-                grad_input = grad_input.addcmul_(xhat, slope.reshape(shape)).to(input.dtype)
-            else:
-                grad_input = torch.zeros_like(input)
-        grad_weight = sum_dy_xhat.to(weight.dtype) if need_weight and weight is not None else None
-        grad_bias = sum_dy.to(ctx.bias_dtype) if need_bias and ctx.bias_dtype is not None else None
-        return grad_input, grad_weight, grad_bias, None, None, None
-
-
-def _per_feature_count(moments: Moments) -> Moments:
-    """``moments`` with its count as a per-feature tensor, the layout ``all_gather_moments`` returns."""
-    count = torch.full_like(moments.mean, moments.count) if isinstance(moments.count, int) else moments.count
-    return Moments(count=count, mean=moments.mean, m2=moments.m2)
+def _normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+               eps: float) -> Tensor:
+    """``normkit.normalize``; an empty batch gets the same broadcast expression, still on the autograd graph
+    (its rank must reach the backward's collective)."""
+    if x.numel() > 0:
+        return normkit.normalize(x, mean, var, weight, bias, eps=eps, axis=1)
+    shape = _channel_shape(x)
+    scale = torch.rsqrt(var + eps) if weight is None else torch.rsqrt(var + eps) * weight
+    y = (x - mean.reshape(shape)) * scale.reshape(shape)
+    return (y if bias is None else y + bias.reshape(shape)).to(x.dtype)
 
 
 def _check_batch_size(input: Tensor) -> None:
@@ -101,6 +62,13 @@ def _check_batch_size(input: Tensor) -> None:
         count = count * d
     if count == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+
+
+def _check_total_count(input: Tensor, count: Tensor, world: int) -> None:
+    """torch's check on the count over every rank (the same on all of them, so all raise)."""
+    if count.numel() and bool((count == 1).all()):
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()} "
+                         f"(1 value per channel in total over the {world} ranks)")
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -136,9 +104,6 @@ class SyncBatchNorm(_BatchNorm):
             return _deploy.traced_call(self, input)
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        tracked = self.num_batches_tracked if self.training and self.track_running_stats else None
-        if tracked is not None:
-            tracked.add_(1)
         running_mean, running_var = self.running_mean, self.running_var
         if self.training and not self.track_running_stats:
             running_mean = running_var = None
@@ -150,17 +115,35 @@ class SyncBatchNorm(_BatchNorm):
             _check_batch_size(input)
         if self.eps <= 0.0:
             raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
-        output, count, mean, m2 = _SyncBatchNormFunction.apply(
-            input, self.weight, self.bias, self.eps, group, synchronize)
+        x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input  # one rounding, at the end
+        local = local_moments(x, axis=1)
+        if synchronize:
+            total = agreed_moments(local, self._signature(input, running_mean is not None), process_group=group,
+                                   state=self.__dict__.setdefault("_normkit_agreement", {}), layer=self._layer())
+            _check_total_count(input, total.count, torch.distributed.get_world_size(group))
+        else:
+            total = local
+        output = _normalize(x, total.mean, total.var, self.weight, self.bias, self.eps).to(input.dtype)
         if self.training and running_mean is not None and running_var is not None:
+            tracked = self.num_batches_tracked
+            if tracked is not None:
+                tracked.add_(1)
+            count = total.count.detach() if isinstance(total.count, Tensor) else total.count
             new_mean, new_var = normkit.update_running_stats(
-                running_mean, running_var, Moments(count=count, mean=mean, m2=m2),
+                running_mean, running_var, Moments(count=count, mean=total.mean.detach(), m2=total.m2.detach()),
                 momentum=self.momentum, correction=1, num_batches=tracked,
             )
             with torch.no_grad():
                 running_mean.copy_(new_mean)
                 running_var.copy_(new_var)
         return output
+
+    def _signature(self, input: Tensor, running_stats: bool) -> tuple[float, ...]:
+        return signature(input, weight=self.weight is not None, bias=self.bias is not None,
+                         running_stats=running_stats, eps=self.eps, momentum=self.momentum)
+
+    def _layer(self) -> str:
+        return f"SyncBatchNorm({self.num_features})"
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
