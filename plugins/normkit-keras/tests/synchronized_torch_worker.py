@@ -159,6 +159,34 @@ def run_without_normkit_torch(nk) -> str:
     return "no error"
 
 
+def _raised(fn) -> dict[str, Any]:
+    """What ``fn()`` raised: type name and text (None where it returned)."""
+    try:
+        fn()
+    except Exception as error:  # noqa: BLE001 (the test checks the type)
+        return {"type": type(error).__name__, "text": str(error)}
+    return {"type": None, "text": ""}
+
+
+def agreement_data(n: int, c: int = C) -> np.ndarray:
+    return np.random.default_rng(40 + n + c).normal(size=(n, c)) * 2 + 1
+
+
+def run_agreement(nk, rank: int) -> dict[str, Any]:
+    """Ranks calling one synchronized layer differently: every rank raises SyncMismatchError, then goes on."""
+    import torch
+
+    out: dict[str, Any] = {}
+    wide = nk.BatchNormalization(synchronized=True, dtype="float64", name="agreement_width")
+    out["features"] = _raised(lambda: wide(torch.tensor(agreement_data(4, C + rank)), training=True))
+    layer = nk.BatchNormalization(synchronized=True, dtype="float64", name="agreement_grad")
+    layer(torch.tensor(agreement_data(4)).requires_grad_(), training=True).sum().backward()
+    x = torch.tensor(agreement_data(4)).requires_grad_(rank == 0)
+    out["grad"] = _raised(lambda: layer(x, training=True))
+    out["after"] = layer(torch.tensor(agreement_data(3 + rank)), training=True).detach().clone()
+    return out
+
+
 def main() -> None:
     rank, world, port, outdir = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     os.environ["KERAS_BACKEND"] = "torch"
@@ -175,6 +203,11 @@ def main() -> None:
                             timeout=datetime.timedelta(seconds=60))
     results: dict[str, Any] = {}
     try:
+        if os.environ.get("NORMKIT_SYNC_WORKER") == "agreement":  # test_synchronized_torch_agreement.py's launch
+            results["agreement"] = run_agreement(nk, rank)
+            torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+            end_process_group()
+            return
         for i, (name, case) in enumerate(CASES.items()):
             results[name] = run_case(nk, case, seed=10 * i, rank=rank)
         results["ddp"] = run_ddp(nk, rank)

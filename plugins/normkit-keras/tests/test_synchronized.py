@@ -261,7 +261,9 @@ def test_torch_two_gloo_processes_equal_one_process(torch_ranks, name):
         seen = [r[name]["steps"][step] for r in torch_ranks]
         for r, s in enumerate(seen):
             forward, backward = s["collectives"]
-            assert len(forward) == 1 and forward[0].startswith("all_gather") and backward == ["all_reduce"], (r, s)
+            # a layer's first forward also gathers the signatures alone (normkit_torch.distributed.agreed_moments)
+            assert len(forward) == (2 if step == 0 else 1) and all(c.startswith("all_gather") for c in forward), (r, s)
+            assert backward == ["all_reduce"], (r, s)
         for key, value in want.items():
             if key == "collectives":
                 continue

@@ -41,11 +41,21 @@ def _distributed(layer: str) -> Any:
     return distributed
 
 
+_AGREEMENTS: dict[str, dict] = {}  # layer description -> what its ranks last agreed on (agreed_moments' state)
+
+
 def global_moments(x: torch.Tensor, *, axis: int, mask: Optional[torch.Tensor], layer: str) -> normkit.Moments:
-    """Every rank's statistics merged (one all_gather); per-feature ``count``, no autograd history."""
+    """Every rank's statistics merged (one all_gather); per-feature ``count``, no autograd history.
+
+    The ranks first agree (``normkit_torch.distributed.agreed_moments``, inside the same all_gather; a
+    layer's first call gathers the signature alone first): feature count, dtype and whether a backward
+    follows differing between ranks raise ``SyncMismatchError`` on every rank, naming each rank's value."""
     distributed = _distributed(layer)
-    local = distributed.local_moments(x, axis=axis % x.ndim, mask=mask if x.numel() > 0 else None)
-    return distributed.all_gather_moments(local)
+    axis = axis % x.ndim
+    local = distributed.local_moments(x, axis=axis, mask=mask if x.numel() > 0 else None)
+    sig = distributed.signature(x, axis=axis, weight=False, bias=False, running_stats=True, eps=0.0, momentum=None)
+    total = distributed.agreed_moments(local, sig, state=_AGREEMENTS.setdefault(layer, {}), layer=layer)
+    return normkit.Moments(count=total.count, mean=total.mean.detach(), m2=total.m2.detach())
 
 
 def _feature_shape(x: torch.Tensor, axis: int) -> list[int]:
@@ -85,7 +95,7 @@ class _SynchronizedNormalize(torch.autograd.Function):
             per_count = scale / count.clamp(min=1)  # count 0 only where the mask is 0 on every rank
             correction = (per_count * total_dy).reshape(shape) + xhat * (per_count * total_dy_xhat).reshape(shape)
             if mask is not None:
-                correction = correction * torch.unsqueeze(mask, axis).to(x.dtype)
+                correction = correction * (torch.unsqueeze(mask, axis) if mask.ndim < x.ndim else mask).to(x.dtype)
             grad_x = dy * scale.reshape(shape) - correction
         grad_weight = sum_dy_xhat if need_weight else None
         grad_bias = sum_dy if need_bias else None

@@ -145,15 +145,15 @@ class SyncTimeoutError(RuntimeError):
     """A synchronized layer's collective failed or timed out: the ranks stopped calling the same collectives."""
 
 
-def signature(x: Tensor, *, weight: bool, bias: bool, running_stats: bool, eps: float,
+def signature(x: Tensor, *, axis: int = 1, weight: bool, bias: bool, running_stats: bool, eps: float,
               momentum: Optional[float]) -> tuple[float, ...]:
-    """The values every rank must share to synchronize ``x``'s statistics (``SIGNATURE_FIELDS`` order).
+    """The values every rank must share to synchronize ``x``'s statistics along ``axis`` (``SIGNATURE_FIELDS``).
 
     "backward follows" is ``x.requires_grad`` under grad mode: it decides whether the backward's
     all_reduce runs, so ranks that differ would leave one waiting in it."""
     code = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else -1
     follows = torch.is_grad_enabled() and x.requires_grad
-    return (float(x.shape[1] if x.ndim > 1 else 0), float(code), float(follows), float(weight), float(bias),
+    return (float(x.shape[axis] if x.ndim > axis else 0), float(code), float(follows), float(weight), float(bias),
             float(running_stats), float(eps), -1.0 if momentum is None else float(momentum))
 
 
@@ -199,7 +199,7 @@ def _collective(layer: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 class _AllGather(torch.autograd.Function):
-    """``(world, L)`` rows of every rank's ``row``; backward: the sum over ranks of each rank's gradient for this row."""
+    """``(world, L)``: every rank's ``row``; backward: the sum over ranks of each rank's gradient for this row."""
 
     @staticmethod
     def forward(row: Tensor, group: Any, world: int, layer: str) -> Tensor:
