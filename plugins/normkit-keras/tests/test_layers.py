@@ -436,8 +436,8 @@ def test_standardize_and_min_max_scale_adapt():
     x[:, 2] = 7.0  # a constant feature
     st = nk.Standardize()
     st.adapt(tf.data.Dataset.from_tensor_slices(x).batch(64))
-    np.testing.assert_allclose(np_(st.mean), x.mean(0), rtol=1e-6)
-    np.testing.assert_allclose(np_(st.variance), x.astype(np.float64).var(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np_(st.adapt_mean), x.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(np_(st.adapt_variance), x.astype(np.float64).var(0), rtol=1e-5, atol=1e-6)
     z = np_(st(x))
     np.testing.assert_allclose(z, reference.standardize(x), rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(z[:, 2], 0)

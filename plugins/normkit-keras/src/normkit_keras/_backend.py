@@ -19,9 +19,10 @@ def backend_name() -> str:
     return keras.backend.backend()
 
 
-def backend_namespace() -> Any:
-    """``xp`` for the arrays Keras hands a layer's ``call`` on this process's backend."""
-    name = backend_name()
+def backend_namespace(name: str | None = None) -> Any:
+    """``xp`` for the arrays Keras hands a layer's ``call`` on this process's backend (or on backend ``name``:
+    a ``tf.data`` pipeline runs a preprocessing layer on TensorFlow whatever the Keras backend)."""
+    name = name or backend_name()
     xp = _NAMESPACES.get(name)
     if xp is None:
         xp = _NAMESPACES[name] = _namespace_of(name)

@@ -17,7 +17,7 @@ import keras
 
 import normkit
 from normkit_keras import _synchronized
-from normkit_keras._backend import backend_namespace, cast, dtype_name, in_compute_dtype, native
+from normkit_keras._backend import backend_name, backend_namespace, cast, dtype_name, in_compute_dtype, native
 
 __all__ = ["BatchNormalization", "core_arguments"]
 
@@ -47,6 +47,25 @@ def _virtual_batch_size(value: Any, layer: keras.layers.BatchNormalization) -> O
     return v
 
 
+def _divisible_batch(x: Any, virtual_batch_size: int, layer: str) -> Any:
+    """``x``, checked at run time where its batch size is unknown while tracing (TensorFlow: model.fit's
+    ``tf.function``): a batch that ``virtual_batch_size`` does not divide (the last, partial batch of an
+    epoch) stops with an error naming both, as the core's check does for a batch size known when tracing.
+    (Under XLA, ``jit_compile=True``, run-time checks are dropped: XLA's own shape error comes instead.)"""
+    if x.shape[0] is not None or backend_name() != "tensorflow":
+        return x
+    import tensorflow as tf
+
+    n = tf.shape(x)[0]
+    message = (f"{layer}: virtual_batch_size={virtual_batch_size} must divide the batch size (axis 0 of x), got a "
+               f"batch that is not a multiple of {virtual_batch_size} (often the last, partial batch of an epoch): use "
+               f"a batch size that is a multiple of {virtual_batch_size} and drop the remainder (tf.data: "
+               "batch(..., drop_remainder=True)). Samples in this batch:")
+    check = tf.debugging.Assert(tf.equal(n % virtual_batch_size, 0), [message, n])
+    with tf.control_dependencies([check]):
+        return tf.identity(x)
+
+
 @keras.saving.register_keras_serializable(package="normkit")
 class BatchNormalization(keras.layers.BatchNormalization):
     """Normalizes per feature (``axis``) with the batch's statistics in training, the moving ones otherwise.
@@ -65,7 +84,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
     True) keeps the layer in inference behaviour for good: ``trainable`` stays False whatever is set.
     ``virtual_batch_size=V`` (Keras 2's keyword; ghost batch norm, in the config when set): in training
     each run of V consecutive samples is normalized by its own statistics and the moving statistics take
-    their merge (the whole batch's) once per call; V must divide the batch; not with renorm or synchronized.
+    their merge (the whole batch's) once per call; V must divide the batch (a partial last batch in
+    ``model.fit`` is an error naming V and the batch size, as Keras 2's reshape failed: drop the remainder);
+    not with renorm or synchronized. A mask (rank ``ndim - 1``) spans every axis but the last, as Keras's.
     """
 
     def __init__(self, *args: Any, frozen: bool = False, virtual_batch_size: Optional[int] = None,
@@ -118,6 +139,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
             )
         xp = backend_namespace()
         x = in_compute_dtype(xp, inputs)
+        rank = len(x.shape)
+        if mask is not None and self.axis % rank != rank - 1:  # Keras's mask spans every axis but the LAST
+            mask = xp.expand_dims(mask, axis=-1)  # (the core's rank ndim - 1 mask spans all but the feature axis)
         dtype = dtype_name(x)
         gamma = cast(xp, native(self.gamma), dtype) if self.scale else None
         beta = cast(xp, native(self.beta), dtype) if self.center else None
@@ -130,6 +154,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             extra = {"layer": self._description()} if synchronized else {}
             if train and self.virtual_batch_size is not None:  # never with synchronized (refused in __init__)
                 extra["virtual_batch_size"] = self.virtual_batch_size
+                x = _divisible_batch(x, self.virtual_batch_size, self._description())
             y, new_mean, new_var = batch_norm(
                 x, cast(xp, native(self.moving_mean), dtype), cast(xp, native(self.moving_variance), dtype), gamma,
                 beta, training=train, mask=mask if train else None, xp=xp, **core_arguments(self), **extra,

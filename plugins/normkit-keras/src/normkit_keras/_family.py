@@ -91,7 +91,8 @@ class RMSNormalization(keras.layers.RMSNormalization):
 
 @keras.saving.register_keras_serializable(package="normkit")
 class UnitNormalization(keras.layers.UnitNormalization):
-    """``y = x / max(||x||_2, 1e-12)`` over ``axis`` (int or list), per sample; no weights."""
+    """``y = x / max(||x||_2, 1e-12)`` over ``axis`` (int or list), per sample; no weights; computed in float32 for
+    half precision, returned in the layer's compute dtype (float16 under mixed precision), as Keras's."""
 
     def call(self, inputs):
         xp = backend_namespace()
@@ -99,4 +100,4 @@ class UnitNormalization(keras.layers.UnitNormalization):
         axes = tuple(a % x.ndim for a in _axes(self.axis))
         square_sum = xp.sum(x * x, axis=axes, keepdims=True)
         inv_norm = xp.minimum(1.0 / xp.sqrt(square_sum), xp.asarray(1e12, dtype=square_sum.dtype))
-        return x * inv_norm
+        return cast(xp, cast(xp, x * inv_norm, _out_dtype(self, inputs)), self.compute_dtype)
