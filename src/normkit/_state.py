@@ -10,6 +10,7 @@ the population-variance estimate the inference formula uses, so it is copied unc
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from typing import Any, Mapping, Optional, Sequence
@@ -23,6 +24,9 @@ _DTYPES = ("float16", "float32", "float64", "bfloat16")
 _ARRAYS = ("weight", "bias", "running_mean", "running_var")
 _RUNNING_KINDS = ("batch", "instance")
 _FEATURE_KINDS = ("batch", "group", "instance")
+# the smallest magnitude that rounds to inf in each dtype (largest finite value plus half an ulp), and that value
+_OVERFLOW = {"float16": 2.0**15 * (2 - 2.0**-11), "bfloat16": 2.0**127 * (2 - 2.0**-8), "float32": 2.0**127 * (2 - 2.0**-24)}
+_LARGEST = {"float16": 65504.0, "bfloat16": 2.0**127 * (2 - 2.0**-7), "float32": float(np.finfo(np.float32).max)}
 
 
 def _int_tuple(name: str, value: Any) -> tuple[int, ...]:
@@ -115,13 +119,21 @@ class NormState:
             raise ValueError(f"NormState.{name}: values of dtype {a.dtype} are not exact in dtype={self.dtype!r}")
         if a.shape != self.shape:
             raise ValueError(f"NormState.{name} must have shape {self.shape}, got {a.shape}")
+        bad = ~np.isfinite(a)
+        if bad.any():
+            where = np.argwhere(bad)[:3].tolist()
+            raise ValueError(
+                f"NormState.{name} must be finite, got {int(bad.sum())} non-finite value(s) "
+                f"({', '.join(f'{a[tuple(i)]} at {tuple(i)}' for i in where)}{', ...' if bad.sum() > 3 else ''}): "
+                "a diverged layer's state cannot be transferred"
+            )
         a = np.array(a, dtype=storage, copy=True)
         a.flags.writeable = False
         return a
 
     def _check_scalars(self) -> None:
         eps = self.eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= float(eps) < float("inf"):
+        if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real) or not 0.0 <= float(eps) < float("inf"):
             raise ValueError(f"NormState.eps must be a finite float >= 0, got {eps!r}")
         object.__setattr__(self, "eps", float(eps))
         for name in ("num_batches_tracked", "num_groups", "input_rank"):
@@ -154,7 +166,7 @@ class NormState:
                 )
             return
         if m is not None:
-            if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 <= float(m) <= 1.0:
+            if isinstance(m, (bool, np.bool_)) or not isinstance(m, numbers.Real) or not 0.0 <= float(m) <= 1.0:
                 raise ValueError(f"NormState.momentum must be None or a float in [0, 1], got {m!r}")
             object.__setattr__(self, "momentum", float(m))
         if self.running_var_correction not in (0, 1):
@@ -162,7 +174,7 @@ class NormState:
                 f"NormState.running_var_correction must be 0 (biased) or 1 (unbiased), got {self.running_var_correction!r}"
             )
         if not bool(np.all(self.running_var >= 0)):
-            raise ValueError("NormState.running_var holds negative or NaN values (it must be a variance)")
+            raise ValueError(f"NormState.running_var holds negative values (it must be a variance), got {self.running_var.min()!r}")
 
     def _check_axes(self) -> None:
         rank = self.input_rank
@@ -192,6 +204,27 @@ class NormState:
         if rank is not None and any(not -rank <= a < rank for a in axes):
             raise ValueError(f"NormState.normalized_axes {axes} are out of range for input_rank {rank}")
         object.__setattr__(self, "normalized_axes", axes)
+
+    def require_fits(self, dtype: str, target: str) -> None:
+        """Refuse to store this state in ``dtype`` (a name: ``"float16"``, ...) where a value would become inf.
+
+        ``target`` names the layer in the error. A value at or above the dtype's overflow threshold (its largest
+        finite value plus half an ulp: 65520 for float16) rounds to inf; smaller ones round to a finite number.
+        """
+        limit = _OVERFLOW.get(dtype)
+        if limit is None:
+            return
+        for name in _ARRAYS:
+            a = getattr(self, name)
+            if a is None or a.size == 0:
+                continue
+            big = float(np.max(np.abs(a)))
+            if big >= limit:
+                raise ValueError(
+                    f"cannot store the state's {name} in {target} of dtype {dtype}: it holds {big!r}, above {dtype}'s "
+                    f"largest finite value {_LARGEST[dtype]!r} (it would become inf); keep the layer in float32 "
+                    "(or bfloat16, largest 3.39e38)"
+                )
 
     # --- derived flags -------------------------------------------------------------------------------
     @property
