@@ -15,8 +15,10 @@ arguments, same result within round-off, or ``NotImplemented`` for arguments out
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import os
+import sys
 import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -29,6 +31,7 @@ __all__ = [
     "generation",
     "policies",
     "use_policy",
+    "current_override",
     "lookup",
     "device_type",
     "dtype_name",
@@ -42,7 +45,29 @@ _GENERATION = [0]
 _POLICIES: list[KernelPolicy] = []
 _CACHE: dict[tuple, Any] = {}
 _MISSING = object()
-_OVERRIDE: list[str | None] = [None]  # set by use_policy: wins over every KernelPolicy's own value
+# set by use_policy in the current thread (contextvars context) only: wins over every KernelPolicy's own value
+_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("normkit_kernel_policy", default=None)
+_OPEN = [0]  # use_policy blocks open in every thread: 0 is the fast path (no override anywhere)
+_LAST: list[str | None] = [None]  # the override last set or restored by any thread: what torch.compile traces read
+
+
+def _tracing() -> bool:
+    """True while torch.compile traces: it cannot read a ContextVar (a graph break), only plain globals."""
+    torch = sys.modules.get("torch")
+    return torch is not None and bool(torch.compiler.is_compiling())
+
+
+def current_override() -> str | None:
+    """The policy ``use_policy`` set for this thread, or None (each plugin's own value applies).
+
+    While torch.compile traces it is the override last set by any thread (a plain global the compiled
+    graph is guarded on): with blocks open in several threads at once, compile in one of them only.
+    """
+    if not _OPEN[0]:
+        return None
+    if _tracing():
+        return _LAST[0]
+    return _OVERRIDE.get()
 
 
 def generation() -> int:
@@ -82,11 +107,11 @@ class KernelPolicy:
 
     def get(self) -> str:
         """The current policy (``use_policy`` overrides it for a block)."""
-        return _OVERRIDE[0] or self.value
+        return current_override() or self.value
 
     def enabled(self) -> bool:
         """True when plugin kernels may be used."""
-        return (_OVERRIDE[0] or self.value) == "auto"
+        return (current_override() or self.value) == "auto"
 
 
 def policies() -> list[KernelPolicy]:
@@ -97,16 +122,27 @@ def policies() -> list[KernelPolicy]:
 @contextmanager
 def use_policy(policy: str) -> Iterator[None]:
     """Every plugin's policy is ``policy`` for the block, those loaded during it included (the test
-    matrix runs each backend and each conformance case both ways)."""
+    matrix runs each backend and each conformance case both ways).
+
+    The override belongs to the thread that enters the block (a ``contextvars`` variable: an asyncio
+    task or ``contextvars.copy_context().run`` carries it too); other threads keep seeing the process
+    default (each ``KernelPolicy``'s own value), and nesting restores the enclosing block's policy, so
+    blocks entered and left by several threads in any interleaving leave the process as it was.
+    """
     if policy not in KERNEL_POLICIES:
         raise ValueError(f"kernel policy must be one of {KERNEL_POLICIES}, got {policy!r}")
-    previous = _OVERRIDE[0]
-    _OVERRIDE[0] = policy
+    with _LOCK:
+        token = _OVERRIDE.set(policy)
+        _OPEN[0] += 1
+        _LAST[0] = policy
     invalidate()
     try:
         yield
     finally:
-        _OVERRIDE[0] = previous
+        with _LOCK:
+            _OVERRIDE.reset(token)
+            _OPEN[0] -= 1
+            _LAST[0] = _OVERRIDE.get()
         invalidate()
 
 
@@ -172,7 +208,8 @@ def lookup(op: str, xp: Any, device: Any, dtype: Any, layout: str = "any", *,
     ``resolve=False`` answers from the cache only (None when not yet asked): for callers that must
     not call the hook now, such as code being traced by torch.compile.
     """
-    key = (op, namespace_name(xp), device_type(device), dtype_name(dtype), layout, _GENERATION[0])
+    # the thread's override is part of the key: two threads under different policies never share an answer
+    key = (op, namespace_name(xp), device_type(device), dtype_name(dtype), layout, current_override(), _GENERATION[0])
     found = _CACHE.get(key, _MISSING)
     if found is not _MISSING or not resolve:
         return None if found is _MISSING else found
