@@ -43,6 +43,8 @@ _EXPORTS = {
     "ConversionReport": "_convert",
     "UnconvertedNormWarning": "_convert",
     "to_torch": "_convert",
+    "register_conversion": "_conversions",
+    "accumulate_statistics": "_accumulate",
     "set_kernel_policy": "_functional",
     "get_kernel_policy": "_functional",
     "fold_batch_norm": "_fold",
@@ -76,6 +78,8 @@ if TYPE_CHECKING:
         LazyBatchNorm2d,
         LazyBatchNorm3d,
     )
+    from normkit_torch._accumulate import accumulate_statistics
+    from normkit_torch._conversions import register_conversion
     from normkit_torch._convert import ConversionReport, UnconvertedNormWarning, convert, to_torch
     from normkit_torch._functional import get_kernel_policy, set_kernel_policy
     from normkit_torch._instancenorm import (

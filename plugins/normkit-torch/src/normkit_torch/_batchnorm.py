@@ -32,6 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import normkit
 from normkit_torch import _deploy
+from normkit_torch._accumulate import scratch_copies, skip_running_update
 from normkit_torch._functional import _is_scripting, batch_norm, cumulative_momentum
 
 __all__ = [
@@ -83,7 +84,13 @@ class _NormkitBatchNorm(_BatchNorm):
         exponential_average_factor = 0.0
         if self.momentum is not None:
             exponential_average_factor = self.momentum
-        if self.training and self.track_running_stats:
+        running_mean, running_var = self.running_mean, self.running_var
+        track = self.training and self.track_running_stats
+        if not _is_scripting():
+            if track and skip_running_update(self, input):  # a checkpoint's recomputation, accumulate_statistics:
+                track = False  # the kernel updates copies (the same ops: checkpoint compares what they save)
+                running_mean, running_var = scratch_copies(running_mean, running_var)
+        if track:
             if self.num_batches_tracked is not None:
                 self.num_batches_tracked.add_(1)
                 if self.momentum is None:  # cumulative moving average
@@ -92,8 +99,8 @@ class _NormkitBatchNorm(_BatchNorm):
         use_buffers = not self.training or self.track_running_stats
         return batch_norm(
             input,
-            self.running_mean if use_buffers else None,
-            self.running_var if use_buffers else None,
+            running_mean if use_buffers else None,
+            running_var if use_buffers else None,
             self.weight,
             self.bias,
             bn_training,

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple, Union
 from torch import nn
 
 from normkit_torch import _batchnorm as bn
+from normkit_torch import _conversions
 from normkit_torch import _instancenorm as inorm
 from normkit_torch import _normalization as norm
 from normkit_torch import _sync
@@ -186,6 +187,9 @@ def _subclass_decision(module: nn.Module, subclasses: bool) -> tuple[Union[type,
 
 # ---------------------------------------------------------------- the walk
 
+_DECLINED = "its conversion declined it (timm's fast_norm path, or a configuration normkit's class cannot hold)"
+_UNKNOWN = "looks like a normalization layer that normkit cannot convert: normkit_torch.register_conversion adds one"
+
 
 def _replace(module: nn.Module, mapping: dict[type, type], seen: dict[int, nn.Module], path: str,
              subclasses: Union[bool, None], report: ConversionReport) -> nn.Module:
@@ -197,10 +201,17 @@ def _replace(module: nn.Module, mapping: dict[type, type], seen: dict[int, nn.Mo
     target = mapping.get(type(module))
     if mapping is TO_TORCH and getattr(module, "virtual_batch_size", None) is not None:
         target = None  # ghost batch norm: torch.nn has none, the module stays (as BatchNorm does)
+    library = _conversions.conversion_for(module) if mapping is TO_NORMKIT and target is None else None
     out = module
     if target is not None:
         out = _swap(module, target)
         report.converted.append((name, type(module).__name__, target.__name__))
+    elif library is not None:  # a model library's class (register_conversion), or transformers' RMSNorm shape
+        out = library(module) or module
+        if out is module:
+            report.skipped.append((name, type(module).__name__, _DECLINED))
+        else:
+            report.converted.append((name, type(module).__name__, type(out).__name__))
     elif subclasses is None:
         if type(module) in _MIXED.values():
             module.__class__ = type(module).__bases__[1]
@@ -213,6 +224,8 @@ def _replace(module: nn.Module, mapping: dict[type, type], seen: dict[int, nn.Mo
             report.converted.append((name, old, f"{mixed.__mro__[1].__name__} + {old}"))
         elif reason:
             report.skipped.append((name, type(module).__name__, reason))
+    elif _conversions.looks_like_norm(module):
+        report.skipped.append((name, type(module).__name__, _UNKNOWN))
     if out is module:
         for child_name, child in list(module._modules.items()):
             if child is not None:

@@ -32,6 +32,7 @@ from normkit import Moments
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normkit_torch._accumulate import skip_running_update
 from normkit_torch import _deploy
 from normkit_torch.distributed import agreed_moments, is_synchronized, local_moments, signature
 
@@ -124,7 +125,8 @@ class SyncBatchNorm(_BatchNorm):
         else:
             total = local
         output = _normalize(x, total.mean, total.var, self.weight, self.bias, self.eps).to(input.dtype)
-        if self.training and running_mean is not None and running_var is not None:
+        if self.training and running_mean is not None and running_var is not None \
+                and not skip_running_update(self, total):  # a checkpoint's recomputation, accumulate_statistics
             tracked = self.num_batches_tracked
             if tracked is not None:
                 tracked.add_(1)
