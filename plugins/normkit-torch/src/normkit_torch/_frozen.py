@@ -46,8 +46,8 @@ class FrozenBatchNorm(nn.Module):
         super().__init__()
         if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        if not eps >= 0.0:
-            raise ValueError(f"eps must be non-negative, got {eps!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0.0:
+            raise ValueError(f"eps must be a non-negative number, got {eps!r}")
         self.num_features = num_features
         self.eps = float(eps)
         factory = {"device": device, "dtype": dtype}
@@ -155,16 +155,24 @@ def _unfrozen_twin(module: FrozenBatchNorm) -> nn.Module:
 
 def _replace(model: nn.Module, convert: Any, select: Any, prefix: str, memo: dict) -> nn.Module:
     """``model`` with every module ``select`` picks replaced by ``convert(module, name)``; a module
-    reachable from two places is converted once (both places get the same new module)."""
+    reachable from two places (two names, two parents) is converted once and every place gets the
+    same new module."""
     if select(model):
         if id(model) not in memo:
             memo[id(model)] = convert(model, prefix or "model")
         return memo[id(model)]
-    for name, child in list(model.named_children()):
+    for name, child in list(model._modules.items()):  # not named_children(): it yields a shared child once
+        if child is None:
+            continue
         new = _replace(child, convert, select, f"{prefix}.{name}" if prefix else name, memo)
         if new is not child:
             setattr(model, name, new)
     return model
+
+
+def _check_module(model: Any, owner: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{owner}: model must be a torch.nn.Module, got {type(model).__name__}")
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -174,8 +182,10 @@ def freeze(model: nn.Module) -> nn.Module:
     eps, device and dtype are kept. BatchNorm1d/2d/3d (torch.nn's, normkit's, BatchRenorm*d) become
     FrozenBatchNorm1d/2d/3d; SyncBatchNorm and normkit's any-rank ``BatchNorm`` become
     ``FrozenBatchNorm``. A root that is itself a batch norm is returned as its frozen twin. A
-    batch norm without running statistics (``track_running_stats=False``) is an error.
+    batch norm without running statistics (``track_running_stats=False``) is an error. A batch norm
+    registered at several places (two names, two parents) becomes one frozen module held by each.
     """
+    _check_module(model, "freeze")
     return _replace(
         model, _frozen_twin, lambda m: isinstance(m, _BatchNorm) and not isinstance(m, FrozenBatchNorm), "", {}
     )
@@ -188,4 +198,5 @@ def unfreeze(model: nn.Module) -> nn.Module:
     running statistics and eps, torch.nn's default momentum 0.1 and ``num_batches_tracked`` 0, and
     the frozen module's train/eval mode. Returns the model (or the new module for a frozen root).
     """
+    _check_module(model, "unfreeze")
     return _replace(model, lambda m, _name: _unfrozen_twin(m), lambda m: isinstance(m, FrozenBatchNorm), "", {})

@@ -3,9 +3,12 @@
 Batch norms are recalibrated one at a time, in the order the forward pass first calls them (a
 topological order). For each, the model runs in eval mode over every batch, the batch norm's input
 is captured by a forward pre-hook (the pass stops there), each batch gives ``normkit.batch_moments``
-and the batches are merged with Chan's formula (``Moments.merge``, float64), then across processes
+of the input widened to float64 and the batches are merged with Chan's formula (``Moments.merge``,
+float64, also for float32/float16 models), then across processes
 (``normkit_torch.distributed.all_gather_moments``) where torch.distributed runs. So each batch norm
-sees exactly the activations of the model whose earlier batch norms are already recalibrated:
+sees exactly the activations of the model whose earlier batch norms are already recalibrated. A
+batch norm called k times per forward pass gets the merge of the inputs of all k calls (its later
+calls' inputs computed with its statistics from before this recalibration, as the one pass runs):
 
     running_mean = mean,   running_var = m2 / (count - 1)   (BatchRenorm*d: m2 / count, running_std = sqrt(var + eps))
 
@@ -48,6 +51,9 @@ def _materialize(batches: Iterable, num_batches: Optional[int]) -> list:
     if isinstance(batches, Tensor):
         raise TypeError("recalibrate expects an iterable of batches (a list, a DataLoader), got a single Tensor; "
                         "wrap it: [x] or x.split(batch_size)")
+    if not hasattr(batches, "__iter__"):
+        raise TypeError(f"recalibrate: batches must be an iterable of model inputs (a list, a DataLoader), "
+                        f"got {type(batches).__name__}")
     inputs = []
     for batch in batches:
         if num_batches is not None and len(inputs) >= num_batches:
@@ -68,10 +74,10 @@ def _to(x: Any, device: Optional[torch.device]) -> Any:
     return x.to(device) if isinstance(x, Tensor) and device is not None and x.device != device else x
 
 
-def _wide(moments: Moments) -> Moments:
-    """``moments`` in float64 (float32 where the device has none) for an exact merge over many batches."""
-    dtype = torch.float32 if moments.mean.device.type == "mps" else torch.float64
-    return Moments(count=moments.count, mean=moments.mean.to(dtype), m2=moments.m2.to(dtype))
+def _wide(x: Tensor) -> Tensor:
+    """``x`` in float64 (float32 where the device has none): each batch's moments and their merge over
+    many batches exact whatever the model's dtype."""
+    return x.to(torch.float32 if x.device.type == "mps" else torch.float64)
 
 
 def _call_order(model: nn.Module, bns: list[nn.Module], first: Any, device: Any) -> tuple[list[nn.Module], dict]:
@@ -99,7 +105,7 @@ def _population(model: nn.Module, bn: nn.Module, inputs: list, device: Any, call
     seen = [0]
 
     def hook(module: nn.Module, args: tuple) -> None:
-        part = _wide(normkit.batch_moments(args[0].detach(), axis=1, xp=xp))
+        part = normkit.batch_moments(_wide(args[0].detach()), axis=1, xp=xp)
         total[0] = part if total[0] is None else total[0].merge(part)
         seen[0] += 1
         if seen[0] == calls:
@@ -150,6 +156,11 @@ def _assign(bn: nn.Module, total: Moments, num_batches: int, name: str) -> None:
     count = total.count if isinstance(total.count, int) else int(torch.min(torch.as_tensor(total.count)))
     if count < 2:
         raise ValueError(f"recalibrate: {name} saw {count} value(s) per feature; the variance needs at least 2")
+    finite = torch.isfinite(total.mean) & torch.isfinite(total.m2)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten().tolist()
+        raise ValueError(f"recalibrate: the inputs of {name} hold NaN or inf in feature(s) {bad[:8]}: expected "
+                         "finite activations (check the batches); no running statistics were changed")
     var = total.var if renorm else total.unbiased_var(1)
     bn.running_mean.copy_(total.mean.to(bn.running_mean.dtype))
     bn.running_var.copy_(var.to(bn.running_var.dtype))
@@ -158,6 +169,19 @@ def _assign(bn: nn.Module, total: Moments, num_batches: int, name: str) -> None:
     tracked = getattr(bn, "num_batches_tracked", None)
     if tracked is not None:
         tracked.fill_(num_batches)
+
+
+_STATE = ("running_mean", "running_var", "running_std", "num_batches_tracked")
+
+
+def _snapshot(bns: list[nn.Module]) -> list[tuple[Tensor, Tensor]]:
+    return [(t, t.clone()) for bn in bns for t in (getattr(bn, k, None) for k in _STATE) if isinstance(t, Tensor)]
+
+
+@torch.no_grad()
+def _restore(saved: list[tuple[Tensor, Tensor]]) -> None:
+    for t, old in saved:
+        t.copy_(old)
 
 
 def _progress(progress: Optional[bool], total: int) -> Any:
@@ -183,21 +207,28 @@ def recalibrate(
     for the passes (one per batch norm, each stopping at it; inputs move to the model's device).
     Batch norms (torch.nn's, normkit's, SyncBatchNorm, BatchRenorm*d, FrozenBatchNorm*) get
     ``running_mean`` and the unbiased ``running_var`` (BatchRenorm*d: biased, and ``running_std``);
-    ``num_batches_tracked`` becomes the number of local batches. Batches may differ in size. The
+    ``num_batches_tracked`` becomes the number of local batches (not added to the old count). A batch
+    norm called several times per forward gets the merge of all its calls' inputs. Each batch's
+    moments and their merge are computed in float64 whatever the model's dtype. No batch, NaN/inf
+    activations or a failing forward raise, with every batch norm left as it was. Batches may differ in size. The
     model runs in eval mode without gradient; every module's train/eval mode is restored. Under
     torch.distributed, the statistics are merged over every rank (each needs at least one batch).
     ``progress``: a tqdm bar (True), none (False), or one on a terminal from 200 batch forwards (None).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"recalibrate expects a torch.nn.Module, got {type(model).__name__}")
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"recalibrate: progress must be True, False or None, got {progress!r}")
     names = {id(m): n or "model" for n, m in model.named_modules()}
     bns = [m for m in model.modules() if is_batch_norm(m) and getattr(m, "running_mean", None) is not None]
     inputs = _materialize(batches, num_batches)
     _check_every_rank_has_batches(len(inputs))
     if not inputs:
-        raise ValueError("recalibrate got no batch")
+        raise ValueError("recalibrate got no batch: batches must yield at least one model input "
+                         f"(got an empty {type(batches).__name__}); no running statistics were changed")
     device = _device_of(model)
     modes = [(m, m.training) for m in model.modules()]
+    saved = _snapshot(bns)
     model.eval()
     try:
         with torch.no_grad():
@@ -215,6 +246,9 @@ def recalibrate(
             finally:
                 if bar is not None:
                     bar.close()
+    except BaseException:
+        _restore(saved)  # an error part-way (NaN, a failing batch): every batch norm as it was
+        raise
     finally:
         for m, training in modes:
             m.training = training

@@ -19,6 +19,7 @@ through ``normkit.update_running_stats`` (a count-1 ``Moments`` carries the std 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import TYPE_CHECKING, Any, Optional
 
 import normkit
@@ -33,11 +34,20 @@ from normkit_torch import _deploy
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 
 
+def _check_bound(name: str, value: Any, low: float, high: float, expected: str) -> None:
+    """A clipping bound is None or a real number in [low, high] (inf allowed where high is inf)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or not low <= value <= high:
+        raise ValueError(f"{name} must be None (no clipping) or a number {expected}, got {value!r}")
+
+
 def _check_clipping(rmax: Optional[float], rmin: Optional[float], dmax: Optional[float], warmup_steps: int) -> None:
-    if rmax is not None and rmin is not None and rmax < rmin:
-        raise ValueError(f"rmax should be greater than rmin. Received: rmax={rmax}, rmin={rmin}.")
-    if dmax is not None and dmax < 0:
-        raise ValueError(f"dmax should be non-negative. Received: dmax={dmax}.")
+    """r = std_B / std clipped to [rmin, rmax] must be able to be 1 (no correction) and stay positive;
+    d clipped to [-dmax, dmax] must be able to be 0 (the paper: rmax >= 1, 0 <= rmin <= 1, dmax >= 0)."""
+    _check_bound("rmax", rmax, 1.0, math.inf, ">= 1 (r = 1, no correction, must stay inside the clipping)")
+    _check_bound("rmin", rmin, 0.0, 1.0, "in [0, 1] (r = 1 must stay inside the clipping; r is positive)")
+    _check_bound("dmax", dmax, 0.0, math.inf, ">= 0 (d is clipped to [-dmax, dmax])")
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
     if warmup_steps and (rmax is None or rmin is None or dmax is None):
@@ -75,7 +85,7 @@ class _BatchRenorm(_BatchNorm):
     ) -> None:
         if not track_running_stats:
             raise ValueError("BatchRenorm needs running statistics: track_running_stats must be True, got False")
-        if not (isinstance(renorm_momentum, (int, float)) and 0.0 <= renorm_momentum <= 1.0):
+        if isinstance(renorm_momentum, bool) or not (isinstance(renorm_momentum, (int, float)) and 0.0 <= renorm_momentum <= 1.0):
             raise ValueError(f"renorm_momentum must be a number in [0, 1], got {renorm_momentum!r}")
         _check_clipping(rmax, rmin, dmax, warmup_steps)
         self.renorm_momentum = float(renorm_momentum)
@@ -127,6 +137,13 @@ class _BatchRenorm(_BatchNorm):
         if _deploy.is_traced(input):  # torch.fx: a leaf
             return _deploy.traced_call(self, input)
         self._check_input_dim(input)
+        if input.shape[1] != self.num_features:  # torch.nn's check and message
+            raise RuntimeError(f"running_mean should contain {input.shape[1]} elements not {self.num_features}")
+        if self.training and input.numel() == 0:  # torch.nn's empty batch: an empty output, statistics kept
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+            return normkit.normalize(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                     eps=self.eps, axis=1, xp=xp)
         if not self.training:
             return normkit.normalize(input, self.running_mean, self.running_var, self.weight, self.bias,
                                      eps=self.eps, axis=1, xp=xp)
