@@ -4,8 +4,10 @@ Batch norms are recalibrated one at a time, in the order the forward pass first 
 topological order). For each, the model runs in inference mode over every batch with the layer's
 ``call`` wrapped to capture its input (the pass stops there); each batch gives
 ``normkit.batch_moments`` (float64 NumPy, the layer's axis and mask), merged with Chan's formula
-(``Moments.merge``), so each layer sees the activations of the model whose earlier batch norms are
-already recalibrated:
+(``Moments.merge``, float64 whatever the model's dtype), so each layer sees the activations of the
+model whose earlier batch norms are already recalibrated. A layer called k times per forward pass
+(a shared layer) gets the merge of the inputs of all k calls (its later calls' inputs computed with
+its statistics from before this recalibration, as the one pass runs):
 
     moving_mean = mean,   moving_variance = m2 / count (biased, Keras's convention)
     (renorm=True layers also get moving_stddev = sqrt(moving_variance + epsilon))
@@ -144,11 +146,24 @@ def _assign(bn: Any, total: Moments, name: str) -> None:
     count = np.asarray(total.count)
     if np.min(count) < 1:
         raise ValueError(f"recalibrate: {name} saw no value for some feature (every position masked)")
+    finite = np.isfinite(np.asarray(total.mean)) & np.isfinite(np.asarray(total.m2))
+    if not finite.all():
+        bad = np.flatnonzero(~finite).tolist()
+        raise ValueError(f"recalibrate: the inputs of {name} hold NaN or inf in feature(s) {bad[:8]}: expected "
+                         "finite activations (check the data); no moving statistics were changed")
     var = np.asarray(total.var)
     bn.moving_mean.assign(np.asarray(total.mean).astype(bn.moving_mean.dtype))
     bn.moving_variance.assign(var.astype(bn.moving_variance.dtype))
     if getattr(bn, "renorm", False):
         bn.moving_stddev.assign(np.sqrt(var + bn.epsilon).astype(bn.moving_stddev.dtype))
+
+
+_STATE = ("moving_mean", "moving_variance", "moving_stddev")
+
+
+def _snapshot(bns: list) -> list[tuple[Any, np.ndarray]]:
+    return [(v, np.array(keras.ops.convert_to_numpy(v))) for bn in bns
+            for v in (getattr(bn, k, None) for k in _STATE) if v is not None]
 
 
 def _progress(progress: Optional[bool], total: int) -> Any:
@@ -167,12 +182,19 @@ def recalibrate(
     ``(x, y[, sample_weight])``; the first ``steps`` batches (all when None) are read once and kept
     for the passes (one per batch norm, each stopping at it). Batch norms (keras.layers' and
     normkit_keras's, in nested models too) get ``moving_mean`` and the biased ``moving_variance``
-    of their inputs over all batches (masked positions excluded); batches may differ in size. The
+    of their inputs over all batches (masked positions excluded; a layer called several times per
+    forward pass: all its calls' inputs), computed in float64; batches may differ in size. No batch,
+    NaN/inf activations or a failing batch raise, with every layer's statistics left as they were. The
     model runs eagerly in inference mode (``training=False``). ``progress``: a Keras progress bar
     (True), none (False), or one on a terminal from 200 batch forwards (None). Returns ``model``.
     """
     if not isinstance(model, keras.layers.Layer):
         raise TypeError(f"recalibrate expects a keras.Model, got {type(model).__name__}")
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"recalibrate: progress must be True, False or None, got {progress!r}")
+    if not (_is_array(data) or hasattr(data, "__iter__") or isinstance(data, keras.utils.PyDataset)):
+        raise TypeError("recalibrate: data must be an array or an iterable of batches (a list, a tf.data.Dataset, "
+                        f"a generator, a PyDataset), got {type(data).__name__}")
     classes = batch_norm_classes()
     bns = [l for l in model._flatten_layers(include_self=False, recursive=True) if isinstance(l, classes)]
     unbuilt = [l.name for l in bns if not l.built]
@@ -180,7 +202,8 @@ def recalibrate(
         raise ValueError(f"recalibrate: build the model first (call it once); unbuilt: {', '.join(unbuilt)}")
     inputs = _batches(data, steps, batch_size)
     if not inputs:
-        raise ValueError("recalibrate got no batch")
+        raise ValueError("recalibrate got no batch: data must yield at least one model input "
+                         f"(got an empty {type(data).__name__}); no moving statistics were changed")
     order, calls = _call_order(model, bns, inputs[0])
     missed = [l.name for l in bns if id(l) not in calls]
     if missed:
@@ -194,6 +217,12 @@ def recalibrate(
         if bar is not None:
             bar.update(done[0])
 
-    for bn in order:
-        _assign(bn, _population(model, bn, inputs, calls[id(bn)], tick), bn.name)
+    saved = _snapshot(order)
+    try:
+        for bn in order:
+            _assign(bn, _population(model, bn, inputs, calls[id(bn)], tick), bn.name)
+    except BaseException:
+        for variable, value in saved:  # an error part-way (NaN, a failing batch): every layer as it was
+            variable.assign(value)
+        raise
     return model
