@@ -10,7 +10,7 @@ from typing import Any
 
 import keras
 
-__all__ = ["backend_name", "backend_namespace", "native", "dtype_name", "cast", "in_compute_dtype"]
+__all__ = ["backend_name", "backend_namespace", "namespace_of_backend", "native", "dtype_name", "cast", "in_compute_dtype"]
 
 _NAMESPACES: dict[str, Any] = {}
 
@@ -19,10 +19,40 @@ def backend_name() -> str:
     return keras.backend.backend()
 
 
-def backend_namespace(name: str | None = None) -> Any:
+def backend_namespace(name: str | None = None, *, layer: Any = None) -> Any:
     """``xp`` for the arrays Keras hands a layer's ``call`` on this process's backend (or on backend ``name``:
-    a ``tf.data`` pipeline runs a preprocessing layer on TensorFlow whatever the Keras backend)."""
+    a ``tf.data`` pipeline runs a preprocessing layer on TensorFlow whatever the Keras backend). Every layer's
+    ``call`` starts here, so a bad ``NORMKIT_KERAS_KERNELS`` is reported here (``_policy``), and a float64
+    ``layer`` on JAX without x64 is named in a warning (JAX computes it in float32, as for Keras's layers)."""
+    from normkit_keras._policy import POLICY
+
+    POLICY.check()
     name = name or backend_name()
+    if layer is not None and name == "jax" and layer.compute_dtype == "float64":
+        _warn_without_x64(layer)
+    return namespace_of_backend(name)
+
+
+_WARNED_X64: set[int] = set()
+
+
+def _warn_without_x64(layer: Any) -> None:
+    """Once per layer: a float64 layer on JAX whose float64 arrays JAX truncates (``jax_enable_x64`` off)."""
+    import jax
+
+    if jax.config.jax_enable_x64 or id(layer) in _WARNED_X64:
+        return
+    _WARNED_X64.add(id(layer))
+    import warnings
+
+    warnings.warn(
+        f"{type(layer).__name__} {layer.name!r} has dtype float64, but on the JAX backend without jax_enable_x64 "
+        "every float64 array is float32: it computes and returns float32 (as Keras's layers do). Set "
+        "jax.config.update('jax_enable_x64', True) at start-up for float64", UserWarning, stacklevel=3)
+
+
+def namespace_of_backend(name: str) -> Any:
+    """``xp`` of backend ``name``'s arrays, built once."""
     xp = _NAMESPACES.get(name)
     if xp is None:
         xp = _NAMESPACES[name] = _namespace_of(name)

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import keras
 
 import normkit
-from normkit_keras import _synchronized
+from normkit_keras import _accumulate, _synchronized
 from normkit_keras._backend import backend_name, backend_namespace, cast, dtype_name, in_compute_dtype, native
 
 __all__ = ["BatchNormalization", "core_arguments"]
@@ -137,7 +137,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 "The mask provided should be one dimension less than the inputs. Received: "
                 f"mask.shape={mask.shape}, inputs.shape={inputs.shape}"
             )
-        xp = backend_namespace()
+        xp = backend_namespace(layer=self)
         x = in_compute_dtype(xp, inputs)
         rank = len(x.shape)
         if mask is not None and self.axis % rank != rank - 1:  # Keras's mask spans every axis but the LAST
@@ -159,7 +159,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 x, cast(xp, native(self.moving_mean), dtype), cast(xp, native(self.moving_variance), dtype), gamma,
                 beta, training=train, mask=mask if train else None, xp=xp, **core_arguments(self), **extra,
             )
-            if train:
+            if train and not _accumulate.record(self, x, mask, xp):  # inside accumulate_statistics: recorded
                 self.moving_mean.assign(new_mean)
                 self.moving_variance.assign(new_var)
         return cast(xp, y, self.compute_dtype)

@@ -47,7 +47,7 @@ class LayerNormalization(keras.layers.LayerNormalization):
     """
 
     def call(self, inputs):
-        xp = backend_namespace()
+        xp = backend_namespace(layer=self)
         x = in_compute_dtype(xp, inputs)
         dtype = dtype_name(x)
         gamma, beta = _weight(xp, self.gamma, dtype), _weight(xp, self.beta, dtype)
@@ -69,7 +69,7 @@ class GroupNormalization(keras.layers.GroupNormalization):
     over its channels and every non-batch axis; ``groups=-1`` makes one group per channel (instance norm)."""
 
     def call(self, inputs):
-        xp = backend_namespace()
+        xp = backend_namespace(layer=self)
         x = in_compute_dtype(xp, inputs)
         dtype = dtype_name(x)
         gamma, beta = _weight(xp, self.gamma, dtype), _weight(xp, self.beta, dtype)
@@ -82,7 +82,7 @@ class RMSNormalization(keras.layers.RMSNormalization):
     """``y = x / sqrt(mean(x**2 over axis) + epsilon) * scale``; one weight, ``scale``, initialized to ones."""
 
     def call(self, x):
-        xp = backend_namespace()
+        xp = backend_namespace(layer=self)
         xc = in_compute_dtype(xp, x)
         y = normkit.rms_norm(xc, _weight(xp, self.scale, dtype_name(xc)), axis=_axes(self.axis), eps=self.epsilon,
                              xp=xp)
@@ -95,7 +95,7 @@ class UnitNormalization(keras.layers.UnitNormalization):
     half precision, returned in the layer's compute dtype (float16 under mixed precision), as Keras's."""
 
     def call(self, inputs):
-        xp = backend_namespace()
+        xp = backend_namespace(layer=self)
         x = in_compute_dtype(xp, inputs)
         axes = tuple(a % x.ndim for a in _axes(self.axis))
         square_sum = xp.sum(x * x, axis=axes, keepdims=True)

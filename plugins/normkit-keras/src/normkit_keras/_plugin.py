@@ -64,9 +64,9 @@ def normkit_array_namespace(array: Any) -> Any:
         return keras_ops_namespace()
     variable = _keras_variable_class()
     if variable is not None and isinstance(array, variable):
-        from normkit_keras._backend import backend_namespace
+        from normkit_keras._backend import backend_name, namespace_of_backend
 
-        return backend_namespace()
+        return namespace_of_backend(backend_name())
     if _is_tensorflow_array(array):
         from normkit_keras._namespaces import tensorflow_namespace
 
@@ -130,4 +130,9 @@ def normkit_kernel(op: str, xp: Any, device: Any, dtype: Any, layout: str) -> An
     """A TensorFlow kernel (any device) from ``KERNELS``, a JAX one from ``JAX_KERNELS``; None otherwise."""
     if xp is sys.modules.get("jax.numpy") and device is None:  # traced by jax.jit: the default backend's device
         device = sys.modules["jax"].default_backend()
-    return KERNELS.lookup(op, xp, "tf", dtype, layout) or JAX_KERNELS.lookup(op, xp, device, dtype, layout)
+    # the namespace first: the policy (which may raise for a bad NORMKIT_KERAS_KERNELS) is read for our arrays only
+    if KERNELS.namespaces(xp):
+        return KERNELS.lookup(op, xp, "tf", dtype, layout)
+    if JAX_KERNELS.namespaces(xp):
+        return JAX_KERNELS.lookup(op, xp, device, dtype, layout)
+    return None

@@ -238,7 +238,7 @@ class _AdaptedLayer(keras.layers.Layer):
         raise NotImplementedError
 
     def _inputs(self, inputs):
-        xp = backend_namespace()
+        xp = backend_namespace(layer=self)
         return xp, in_compute_dtype(xp, inputs)
 
     def compute_output_shape(self, input_shape):
@@ -320,7 +320,7 @@ class Standardize(keras.layers.Normalization):
         if self.mean is None:
             raise ValueError("You must call `.build(input_shape)` on the layer before using it.")
         backend = self.backend.name  # "tensorflow" inside tf.data whatever the Keras backend
-        xp = backend_namespace(backend)
+        xp = backend_namespace(backend, layer=self)
         x = in_compute_dtype(xp, self.backend.core.convert_to_tensor(inputs))
         dtype = dtype_name(x)
         if self.input_mean is None and backend == keras.backend.backend():  # the weights as they are now
