@@ -122,3 +122,22 @@ def test_lazy_batch_norm_materialized_inside():
     assert type(ours) is nkt.BatchNorm2d and int(ours.num_batches_tracked) == 1
     torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-10, atol=1e-10)
+
+
+def test_sync_batch_norm_under_ddp_across_two_gloo_processes(tmp_path):
+    """Two ranks, DDP, normkit's SyncBatchNorm, two uneven micro-batches each: on exit every rank holds the running
+    statistics of one torch.nn update with all four micro-batches of both ranks (num_batches_tracked 1)."""
+    from pathlib import Path
+
+    import accumulate_worker as aw
+    from normkit_torch.testing import run_gloo_workers
+
+    states = run_gloo_workers(Path(__file__).with_name("accumulate_worker.py"), tmp_path, deadline_s=120)
+    # micro-step i normalizes with the merge of both ranks' i-th micro-batches: the fold merges them all
+    reference = aw.build_model()[0]
+    reference(torch.cat(aw.rank_batches(0) + aw.rank_batches(1)))
+    for r, state in enumerate(states):
+        assert int(state["0.num_batches_tracked"]) == 1
+        for k in ("running_mean", "running_var"):
+            torch.testing.assert_close(state[f"0.{k}"], getattr(reference, k), rtol=1e-10, atol=1e-12,
+                                       msg=f"rank {r} {k}")
