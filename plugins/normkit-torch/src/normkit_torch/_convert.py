@@ -240,7 +240,10 @@ def convert(module: nn.Module, *, subclasses: bool = False, report: bool = False
 
     Swapped: BatchNorm1d/2d/3d, SyncBatchNorm (-> ``normkit_torch.SyncBatchNorm``, same process
     group, synchronized on any backend), InstanceNorm1d/2d/3d, LayerNorm, GroupNorm, RMSNorm and the
-    Lazy variants. As with ``convert_sync_batchnorm``, a root that is itself a normalization
+    Lazy variants; the model libraries' norm layers when imported (``normkit_torch._conversions``:
+    transformers' RMSNorm family by the shape of its forward, timm's LayerNorm, LayerNorm2d, BatchNormAct2d,
+    GroupNormAct, FrozenBatchNormAct2d, torchvision's FrozenBatchNorm2d) and what ``register_conversion`` adds.
+    Any other module that looks like a normalization layer is reported. As with ``convert_sync_batchnorm``, a root that is itself a normalization
     module cannot be swapped in place: use the returned module.
 
     A subclass of one of those classes is skipped and named in an ``UnconvertedNormWarning``; with
