@@ -75,7 +75,8 @@ class BatchNorm(nnx.BatchNorm):
         if use_running_average:
             return view.unflat(normkit.normalize(x2, mean, var, scale, bias, eps=self.epsilon, axis=view.feature))
         momentum = _weight_of_new(self.momentum)
-        old_mean, old_var = flat(self.mean[...]), flat(self.var[...])
+        wide = jnp.promote_types(self.mean.dtype, _compute(x).dtype)  # Flax: stored stats with the batch's
+        old_mean, old_var = flat(self.mean[...]).astype(wide), flat(self.var[...]).astype(wide)
         if self.axis_name is None:  # one call of the core: exact to round-off, centred before scaling
             m2d = None if mask is None else view.flat(jnp.broadcast_to(jnp.asarray(mask, bool), tuple(x.shape)))
             y2, new_mean, new_var = normkit.batch_norm(
@@ -88,8 +89,8 @@ class BatchNorm(nnx.BatchNorm):
                                    axis=view.feature).astype(x.dtype)
             new_mean, new_var = normkit.update_running_stats(old_mean, old_var, stats.total, momentum=momentum,
                                                              correction=0)
-        self.mean[...] = jnp.reshape(new_mean, self.mean.shape)
-        self.var[...] = jnp.reshape(new_var, self.var.shape)
+        self.mean[...] = jnp.reshape(new_mean, self.mean.shape).astype(self.mean.dtype)
+        self.var[...] = jnp.reshape(new_var, self.var.shape).astype(self.var.dtype)
         return view.unflat(y2)
 
 
