@@ -17,7 +17,7 @@ from normkit import _numpy_fast as numpy_fast
 from normkit._dispatch import call_kernel
 from normkit._ghost import ghost_train, virtual_batch_size_value
 from normkit._moments import Moments, centered_moments
-from normkit._namespace import array_namespace
+from normkit._namespace import array_namespace, is_array
 from normkit._running import update_running_stats
 from normkit._validate import (
     as_param,
@@ -26,9 +26,11 @@ from normkit._validate import (
     mask_weights,
     momentum_value,
     nonnegative_eps,
+    num_batches_value,
     positive_eps,
     require_floating,
     require_floating_state,
+    running_stats_shape,
     static_count,
     two_or_more_values,
 )
@@ -157,8 +159,8 @@ def batch_norm(
     if training:
         eps = positive_eps(eps)
         momentum = momentum_value(momentum, allow_none=True)
-        if momentum is None and running_mean is not None and num_batches is None:
-            raise ValueError("momentum=None (a cumulative average) needs num_batches, the number of batches averaged")
+        if momentum is None and running_mean is not None:
+            num_batches = num_batches_value(num_batches)
     else:
         eps = nonnegative_eps(eps)
         if running_mean is None:
@@ -171,6 +173,8 @@ def batch_norm(
         ghost = virtual_batch_size_value(virtual_batch_size, tuple(x.shape), f, training)
         if not training or ghost == static_count(tuple(x.shape), (0,)):
             ghost = None  # inference, or one virtual batch: plain batch norm (same kernels, same result)
+    if is_array(running_mean) and is_array(running_var):  # before any kernel: one message under every policy
+        running_stats_shape(running_mean, running_var, (x.shape[f],))
     out = call_kernel(  # a kernel gets virtual_batch_size only when it splits a training batch
         "batch_norm", xp, x, x, running_mean, running_var, weight, bias, training=training, momentum=momentum,
         eps=eps, axis=f, mask=mask, correction=correction, allow_single_value=allow_single_value,

@@ -119,6 +119,8 @@ def ghost_train(xp: Any, x: Any, running_mean: Any, running_var: Any, weight: An
         y = xp.astype(y, x.dtype)
     if running_mean is None:
         return y, None, None
+    running_mean = as_param(xp, running_mean, "running_mean", (c,), getattr(running_mean, "dtype", dtype), x)
+    running_var = as_param(xp, running_var, "running_var", (c,), getattr(running_var, "dtype", dtype), x)
     num_groups: Any = groups
     if n is None and mask is None:  # known only at run time (tf.function, symbolic shapes)
         num_groups = xp.astype(dynamic_count(xp, xg, (0,)), dtype)

@@ -6,7 +6,9 @@ import numbers
 import operator
 from typing import Any
 
-from normkit._namespace import device_of, is_array, type_name
+import numpy as np
+
+from normkit._namespace import concrete_scalar, device_of, is_array, type_name
 
 __all__ = [
     "as_int",
@@ -19,6 +21,8 @@ __all__ = [
     "positive_eps",
     "nonnegative_eps",
     "momentum_value",
+    "num_batches_value",
+    "running_stats_shape",
     "mask_weights",
     "two_or_more_values",
     "require_floating_state",
@@ -140,7 +144,8 @@ def samples_per_feature(x: Any, axis: int | None, axes: tuple[int, ...], what: s
 
 
 def _real_number(value: Any, name: str, expected: str) -> float:
-    """``value`` as a finite float; strings, booleans, None and arrays are refused by name."""
+    """``value`` as a finite float (NumPy scalars too); strings, booleans, None and arrays are refused by name."""
+    value = _python_scalar(value)
     if isinstance(value, (bool, str, bytes)) or value is None:
         raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
     if not isinstance(value, (int, float)) and is_array(value):
@@ -170,18 +175,74 @@ def nonnegative_eps(eps: float, name: str = "eps") -> float:
     return value
 
 
+def _python_scalar(value: Any) -> Any:
+    """A NumPy scalar (``np.float32(0.1)``) as the Python number it holds; anything else unchanged."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _array_scalar(value: Any, name: str, expected: str) -> float | None:
+    """A 0-d real array's value where known now (``concrete_scalar``), None where traced or lazy; other
+    shapes and boolean or complex dtypes are refused by name."""
+    shape = tuple(value.shape)
+    if shape:
+        raise ValueError(f"{name} must be {expected} or a 0-d array, got an array of shape {shape}")
+    kind = str(value.dtype).rpartition(".")[2]
+    if kind.startswith(("bool", "complex")):
+        raise TypeError(f"{name} must be {expected}, got a 0-d array of dtype {value.dtype}")
+    found = concrete_scalar(value)
+    if found is not None and found != found:
+        raise ValueError(f"{name} must be {expected}, got a 0-d array holding nan")
+    return found
+
+
 def momentum_value(momentum: Any, name: str = "momentum", *, allow_none: bool = False) -> Any:
-    """``momentum`` (the weight of the new batch) as a float in [0, 1]; a 0-d array (traced) is taken as is."""
+    """``momentum`` (the weight of the new batch) as a float in [0, 1]: Python and NumPy numbers, or a 0-d array.
+
+    A 0-d array is range-checked where its value is known now (NumPy, array-api-strict, eager torch and
+    jax, eager TensorFlow; ``concrete_scalar``) and returned as is; a traced or lazy one (jax.jit,
+    torch.compile, dask, tf.function) cannot be checked without breaking the trace and is taken as is.
+    """
     if momentum is None:
         if allow_none:
             return None
         raise TypeError(f"{name} must be a number in [0, 1], got None")
+    momentum = _python_scalar(momentum)
     if not isinstance(momentum, (int, float)) and is_array(momentum):
+        found = _array_scalar(momentum, name, "a number in [0, 1]")
+        if found is not None and not 0.0 <= found <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1] (the weight of the new batch), got a 0-d array holding {found!r}")
         return momentum
     value = _real_number(momentum, name, "a number in [0, 1]")
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be in [0, 1] (the weight of the new batch), got {momentum!r}")
     return value
+
+
+def num_batches_value(num_batches: Any, name: str = "num_batches") -> Any:
+    """``num_batches`` (batches averaged by ``momentum=None``, this one included) as a number >= 1, or a 0-d
+    array (checked where its value is known now, as ``momentum_value`` does)."""
+    expected = "a count of batches >= 1 (this batch included)"
+    if num_batches is None:
+        raise ValueError(f"momentum=None (a cumulative average) needs {name}, the number of batches averaged")
+    num_batches = _python_scalar(num_batches)
+    if not isinstance(num_batches, (int, float)) and is_array(num_batches):
+        found = _array_scalar(num_batches, name, expected)
+        if found is not None and not found >= 1:
+            raise ValueError(f"{name} must be {expected}, got a 0-d array holding {found!r}")
+        return num_batches
+    value = _real_number(num_batches, name, expected)
+    if not value >= 1:
+        raise ValueError(f"{name} must be {expected}, got {num_batches!r}")
+    return value
+
+
+def running_stats_shape(running_mean: Any, running_var: Any, shape: tuple, what: str | None = None) -> None:
+    """``running_mean`` and ``running_var`` must have the per-feature shape ``shape`` exactly (never broadcast)."""
+    per = "one value per feature" if what is None else f"one value per feature, as {what}"
+    for name, value in (("running_mean", running_mean), ("running_var", running_var)):
+        got = tuple(value.shape)
+        if not _shape_matches(got, tuple(shape)):
+            raise ValueError(f"{name} must have shape {tuple(shape)} ({per}), got shape {got}")
 
 
 def require_floating_state(xp: Any, value: Any, name: str) -> None:

@@ -67,7 +67,7 @@ def _torch() -> Backend:
     from array_api_compat import torch as xp
 
     return Backend(
-        "torch", xp, lambda a: torch.asarray(np.ascontiguousarray(a)),
+        "torch", xp, lambda a: torch.asarray(np.require(a, requirements="C")),  # ascontiguousarray makes 0-d 1-d
         lambda t: t.detach().cpu().numpy() if t.dtype != torch.bfloat16 else t.detach().float().cpu().numpy(),
         half_dtypes=("float16", "bfloat16"),
     )
