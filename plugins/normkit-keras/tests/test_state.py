@@ -218,8 +218,7 @@ def test_from_state_layout_rank_and_overrides():
     assert nkk.from_state(s, axis=3).axis == 3
     with pytest.raises(ValueError, match="give layout= or axis=, not both"):
         nkk.from_state(s, layout="channels_last", axis=-1)
-    with pytest.raises(ValueError, match="pass input_rank= or input_shape="):
-        nkk.from_state(s.replace(input_rank=None))
+    assert not nkk.from_state(s.replace(input_rank=None)).built  # built by its first call (test_from_state_builds_...)
     layer = nkk.from_state(s.replace(input_rank=None), input_shape=(None, 7, 3), axis=-1, momentum=0.95, epsilon=0.01,
                            dtype="float64")
     assert (layer.momentum, layer.epsilon, layer.dtype) == (0.95, 0.01, "float64")
@@ -307,3 +306,58 @@ def test_copy_into_keras_reports_mismatches_by_path():
     report = nkk.copy_norm_states(net, model, mapping={"1": paths[0]}, strict=False)
     assert report.copied == [("1", paths[0])] and report.unmatched_source == ["3", "6"]
     assert report.unmatched_target == paths[1:]
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_from_state_builds_on_first_call_without_an_input_rank(layout):
+    """A torch BatchNorm1d state (no input rank: (N, C) and (N, C, L) both fit) gives an unbuilt layer that
+    writes the state when its first call builds it, as every Keras layer builds: inference equals torch's.
+    Before: ValueError 'pass input_rank= or input_shape='."""
+    torch, nkt = torch_modules()
+    m = torch.nn.BatchNorm1d(3).double()
+    with torch.no_grad():
+        m(torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3 + 2)
+        m.weight.add_(0.5)
+        m.bias.sub_(0.25)
+    m.eval()
+    s = nkt.get_state(m)
+    assert s.input_rank is None and s.feature_axis == 1
+    if layout == "channels_last":  # as Keras states are: features last
+        s = s.replace(feature_axis=-1)
+    x = np.random.default_rng(1).standard_normal((5, 3, 4)) * 3 + 2
+    expected = m(torch.from_numpy(x)).detach().numpy()
+    keras_x = x if layout == "channels_first" else np.moveaxis(x, 1, -1)
+    layer = nkk.from_state(s, dtype="float64")
+    assert not layer.built and layer.axis == (1 if layout == "channels_first" else -1)
+    y = numpy(layer(keras_x, training=False))
+    assert layer.built
+    np.testing.assert_allclose(y if layout == "channels_first" else np.moveaxis(y, -1, 1), expected, rtol=1e-12, atol=1e-12)
+    got = nkk.get_state(layer)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        assert bitwise(getattr(got, name), getattr(s, name)), name
+    assert got.momentum == s.momentum and got.eps == s.eps
+    # a 2-D input builds it just as well; the wrong channel count is refused when the layer builds
+    y2 = numpy(nkk.from_state(s, dtype="float64")(keras_x[:, :, 0] if layout == "channels_first" else keras_x[:, 0, :]))
+    assert np.isfinite(y2).all() and y2.shape == (5, 3)
+    with pytest.raises(ValueError, match=r"size mismatch: the state's per-feature shape is \(3,\)"):
+        nkk.from_state(s, dtype="float64")(np.ones((2, 5)) if layout == "channels_first" else np.ones((2, 4, 5)))
+
+
+def test_set_state_refuses_values_that_overflow_float16():
+    """A float32 state whose running variance exceeds float16's 65504 would be stored as inf in a float16 layer:
+    refused, naming the statistic, the value and float16's largest value; nothing is written. Below the
+    threshold the value is stored finite (65519 rounds to 65504)."""
+    s = NormState(kind="batch", shape=(2,), running_mean=np.zeros(2, "float32"),
+                  running_var=np.array([1.0, 7.82e4], "float32"), momentum=0.01, running_var_correction=0,
+                  feature_axis=-1, input_rank=2)
+    layer = nkk.BatchNormalization(dtype="float16")
+    layer.build((None, 2))
+    with pytest.raises(ValueError, match=r"running_var in BatchNormalization .* float16: it holds 78200.0, above "
+                                         r"float16's largest finite value 65504.0 \(it would become inf\)"):
+        nkk.set_state(layer, s)
+    assert bitwise(numpy(layer.moving_variance), np.ones(2, "float16"))  # nothing written
+    with pytest.raises(ValueError, match="float16's largest finite value 65504"):
+        nkk.from_state(s, dtype="float16")
+    nkk.set_state(layer, s.replace(running_var=np.array([1.0, 65519.0], "float32")))
+    assert numpy(layer.moving_variance).tolist() == [1.0, 65504.0]
+    assert np.isfinite(numpy(nkk.from_state(s, dtype="float32").moving_variance)).all()

@@ -263,3 +263,39 @@ def test_copy_norm_states_reports_and_copies_nothing_on_mismatch():
     assert report.unmatched_source == ["block.1", "head.2"] and report.copied == [("bn", "0")]
     with pytest.raises(TypeError, match="cannot read normalization states from int"):
         nkt.copy_norm_states(3, dst)
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["normkit", "torch.nn"])
+def test_state_that_overflows_float16_is_refused(native):
+    """A float32 BatchNorm1d whose running_var reached 7.82e4 cannot live in float16 (largest 65504): set_state and
+    from_state(dtype=float16) refuse, naming the statistic, the value and the limit, and write nothing (before:
+    the module stored inf, and every inference output was 0 or NaN). bfloat16 holds it; 65519 rounds to 65504."""
+    m = nn.BatchNorm1d(2)
+    with torch.no_grad():
+        m.running_var.copy_(torch.tensor([1.0, 7.82e4]))
+    s = nkt.get_state(m)
+    target = (nn.BatchNorm1d if native else nkt.BatchNorm1d)(2, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"running_var in BatchNorm1d of dtype float16: it holds 78200.0, above "
+                                         r"float16's largest finite value 65504.0 \(it would become inf\)"):
+        nkt.set_state(target, s)
+    assert target.running_var.tolist() == [1.0, 1.0]  # nothing written
+    with pytest.raises(ValueError, match="float16's largest finite value 65504"):
+        nkt.from_state(s, dtype=torch.float16)
+    assert torch.isfinite(nkt.from_state(s, dtype=torch.bfloat16).running_var).all()
+    nkt.set_state(target, s.replace(running_var=np.array([1.0, 65519.0], "float32")))
+    assert target.running_var.tolist() == [1.0, 65504.0]
+
+
+def test_diverged_module_state_is_refused_by_name():
+    """A module whose statistics went NaN/inf (a diverged run) gives no NormState: the error names the field
+    (before: the NaN was transferred in silence into every framework)."""
+    m = nn.BatchNorm1d(3)
+    with torch.no_grad():
+        m.running_mean[1] = float("nan")
+    with pytest.raises(ValueError, match=r"NormState.running_mean must be finite, got 1 non-finite value\(s\) \(nan at \(1,\)\)"):
+        nkt.get_state(m)
+    m = nn.LayerNorm(2)
+    with torch.no_grad():
+        m.weight[0] = float("inf")
+    with pytest.raises(ValueError, match=r"NormState.weight must be finite.*inf at \(0,\)"):
+        nkt.get_state(m)

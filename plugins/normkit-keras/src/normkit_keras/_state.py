@@ -16,6 +16,7 @@ GroupNormalization, RMSNormalization), built.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import keras
@@ -207,6 +208,8 @@ def _writes(layer: Any, state: NormState) -> Callable[[], None]:
             raise ValueError(f"{type(layer).__name__} {layer.name!r} has no {what} ({flag}), but the state's {what} is not all {identity:g}")
     if kind == "batch":
         copies += [(layer.moving_mean, state.running_mean), (layer.moving_variance, state.running_var)]
+    for dtype in {str(variable.dtype) for variable, _ in copies}:  # a value above float16's 65504 would be stored as inf
+        state.require_fits(dtype, f"{type(layer).__name__} {layer.name!r}")
 
     def write() -> None:
         for variable, value in copies:
@@ -269,11 +272,14 @@ def from_state(
     dtype: Optional[str] = None,
     **overrides: Any,
 ) -> Any:
-    """A new, built normkit_keras layer holding ``state``.
+    """A new normkit_keras layer holding ``state``: built now where the input rank is known, else on its first call.
 
     The layout is the state's (a torch state, features on axis 1, gives ``axis=1``): pass
     ``layout="channels_last"`` (or ``axis=-1``) for Keras's usual channels-last layer.
-    Batch and group norm need the input rank: the state's, ``input_rank=`` or ``input_shape=``.
+    Batch and group norm build with the input rank of the state, ``input_rank=`` or ``input_shape=``;
+    without one (torch's BatchNorm1d and GroupNorm take several ranks) the layer is returned unbuilt,
+    as every Keras layer is, and writes the state when it builds (its first call): a size mismatch is
+    raised then.
     ``overrides`` are constructor arguments in Keras's conventions (``epsilon``; ``momentum``
     as Keras's, the weight of the old value). ``dtype`` defaults to the state's.
     """
@@ -306,9 +312,26 @@ def from_state(
         cls = _fam.LayerNormalization if state.kind == "layer" else _fam.RMSNormalization
     kwargs.update(overrides)
     layer = cls(**kwargs)
-    layer.build(tuple(input_shape) if input_shape is not None else _build_shape(state, axes, input_rank or state.input_rank))
+    rank = input_rank or state.input_rank
+    if input_shape is None and rank is None and state.kind not in ("layer", "rms"):
+        _set_state_on_build(layer, state)  # the rank comes with the first input, as for every Keras layer
+        return layer
+    layer.build(tuple(input_shape) if input_shape is not None else _build_shape(state, axes, rank))
     set_state(layer, state)
     return layer
+
+
+def _set_state_on_build(layer: Any, state: NormState) -> None:
+    """Make ``layer.build`` (Keras's wrapped one, run by the first call) write ``state`` once the weights exist."""
+    build = layer.build
+
+    @functools.wraps(build)
+    def build_then_set_state(*args: Any, **kwargs: Any) -> None:
+        build(*args, **kwargs)
+        layer.build = build  # once: a rebuild (load, clone) keeps Keras's own
+        set_state(layer, state)
+
+    layer.build = build_then_set_state
 
 
 def _norm_layers(model: Any) -> dict[str, Any]:

@@ -180,6 +180,8 @@ def _writes(module: nn.Module, state: NormState) -> Callable[[], None]:
         if state.momentum is None and kind == "instance":
             raise ValueError(f"{name} has no cumulative average (the state's momentum is None)")
         copies += [(module.running_mean, state.running_mean), (module.running_var, state.running_var)]
+    for dtype in {tensor.dtype for tensor, _ in copies}:  # a value above float16's 65504 would be stored as inf
+        state.require_fits(str(dtype).replace("torch.", ""), name)
     counter = getattr(module, "num_batches_tracked", None)
 
     def write() -> None:
