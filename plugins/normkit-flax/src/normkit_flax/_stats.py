@@ -5,7 +5,7 @@ features, layer norm the samples, group norm samples and groups). ``View`` lays 
 2-D array with one row or column per kept entry, so one call of ``normkit.batch_moments`` (the
 corrected two-pass, masks as weights) gives every statistic, and ``normkit.normalize`` applies
 them centred first. Under ``axis_name`` each device's ``(count, mean, m2)`` goes through ONE
-``lax.all_gather`` and is merged with ``Moments.merge`` (Chan): the statistics of the union of the
+``lax.psum`` (of one-hot rows: an all-gather whose result is the same on every device) and is merged with ``Moments.merge`` (Chan): the statistics of the union of the
 shards, weighted by their counts, so masks and uneven shards are exact (Flax's ``lax.pmean`` of
 per-device means weights every device equally).
 """
@@ -104,7 +104,7 @@ def exact_moments(x: Any, view: View, *, mask: Any = None, axis_name: Any = None
     """``Exact`` statistics of ``x`` over ``view.reduced``, of every device's shard together under ``axis_name``.
 
     Two ``normkit.batch_moments`` passes (the second on the data centred by the first's mean) and,
-    under ``axis_name``, ONE ``lax.all_gather`` of every device's packed ``(count, mean, offset, m2)``;
+    under ``axis_name``, ONE ``lax.psum`` of one-hot rows of every device's packed ``(count, mean, offset, m2)``;
     the rows are merged with ``Moments.merge`` (Chan) relative to this device's mean. ``mask``
     (broadcastable to x, True where a position counts) leaves positions out; a kept entry with
     nothing counted has mean and variance 0. Half precision is reduced in float32.
@@ -122,16 +122,24 @@ def exact_moments(x: Any, view: View, *, mask: Any = None, axis_name: Any = None
         total = normkit.Moments(count=local.count, mean=base + local.mean, m2=local.m2)
         return Exact(centered, local.mean, total)
     count = jnp.broadcast_to(jnp.asarray(local.count, local.mean.dtype), local.mean.shape)
-    rows = lax.all_gather(jnp.stack([count, jnp.broadcast_to(base, local.mean.shape), local.mean, local.m2]),
-                          axis_name, axis_index_groups=axis_index_groups)
-    merged: Optional[normkit.Moments] = None
-    for d in range(rows.shape[0]):  # the number of devices: static
-        # device d's mean relative to this device's base: a difference of nearby float32 values, exact
-        part = normkit.Moments(count=lax.stop_gradient(rows[d, 0]), mean=(rows[d, 1] - base) + rows[d, 2], m2=rows[d, 3])
-        merged = part if merged is None else merged.merge(part)
-    assert merged is not None
-    total = normkit.Moments(count=merged.count, mean=base + merged.mean, m2=merged.m2)
-    return Exact(centered, merged.mean, total)
+    packed = jnp.stack([count, jnp.broadcast_to(base, local.mean.shape), local.mean, local.m2])
+    n = lax.axis_size(axis_name)  # a psum of one-hot rows: every device's rows, the same (unmapped) everywhere
+    onehot = jnp.asarray(jnp.arange(n) == lax.axis_index(axis_name), packed.dtype)
+    rows = lax.psum(onehot[:, None, None] * packed[None], axis_name, axis_index_groups=axis_index_groups)
+
+    def merge(relative: bool) -> normkit.Moments:
+        merged: Optional[normkit.Moments] = None
+        for d in range(n):  # the number of devices: static; a row of another group has count 0 (the identity)
+            # relative: device d's mean minus this device's base, a difference of nearby float32 values (exact)
+            mean = (rows[d, 1] - base) + rows[d, 2] if relative else rows[d, 1] + rows[d, 2]
+            part = normkit.Moments(count=lax.stop_gradient(rows[d, 0]), mean=mean, m2=rows[d, 3])
+            merged = part if merged is None else merged.merge(part)
+        assert merged is not None
+        return merged
+
+    # the output centres on this device's base (exact at mean 1e4); the running statistics take the
+    # device-invariant merge (the same on every device, as a BatchStat must be)
+    return Exact(centered, merge(relative=True).mean, merge(relative=False))
 
 
 def mean_square(stats: normkit.Moments) -> Any:
