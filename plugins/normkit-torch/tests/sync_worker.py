@@ -217,15 +217,33 @@ def run_agreement(rank: int) -> dict[str, Any]:
     return out
 
 
+def _short_timeout_group() -> Any:
+    """A new gloo group of both ranks, connected under a long timeout (a loaded machine connects slowly), then
+    given TIMEOUT_S for its collectives."""
+    import torch.distributed as dist
+
+    group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=60), backend="gloo")
+    dist.barrier(group=group)
+    dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=TIMEOUT_S), group)
+    return group
+
+
 def run_divergence(rank: int) -> dict[str, Any]:
-    """Rank 0 trains while rank 1 is in eval (no collective): rank 0 waits the group's timeout, then a clear error."""
+    """What no collective can see: rank 0 trains while rank 1 is in eval; rank 1 skips a backward. Rank 0 waits the
+    group's timeout, then a clear error."""
     import torch.distributed as dist
 
     import normkit_torch as nkt
 
-    group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=TIMEOUT_S), backend="gloo")
+    group = _short_timeout_group()
     module = nkt.SyncBatchNorm(C, dtype=F64, process_group=group).train(rank == 0)
-    return _mismatch(lambda: module(batch((4,), (2,), seed=700)))
+    out = {"eval": _mismatch(lambda: module(batch((4,), (2,), seed=700)))}
+    # both forwards agree (a backward follows on both), then rank 1 skips it: rank 0 waits in the all_reduce
+    group = _short_timeout_group()  # a fresh group: the first is left broken
+    module = nkt.SyncBatchNorm(C, dtype=F64, process_group=group)
+    y = module(batch((4,), (2,), seed=701).requires_grad_())
+    out["backward"] = _mismatch(lambda: y.sum().backward() if rank == 0 else None)
+    return out
 
 
 def main() -> None:

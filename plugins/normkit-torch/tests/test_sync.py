@@ -382,11 +382,13 @@ def test_one_value_per_channel_over_all_ranks_raises_torchs_error_on_every_rank(
         assert torch.equal(res["agreement"]["one_value_running_var"], torch.ones(sw.C, dtype=F64))
 
 
-def test_a_rank_in_eval_while_the_other_trains_ends_at_the_group_timeout_with_a_clear_error(ranks):
-    """No collective can see a rank that does not call: the training rank waits the process group's timeout
-    (3 s here) and raises SyncTimeoutError saying why; the eval rank (no collective, as torch's) returns."""
-    got, evaluating = ranks[0]["divergence"], ranks[1]["divergence"]
+@pytest.mark.parametrize("case", ["eval", "backward"])
+def test_a_rank_that_stops_calling_ends_at_the_group_timeout_with_a_clear_error(ranks, case):
+    """No collective can see a rank that does not call (one in eval while the other trains; one that skips the
+    backward): the waiting rank raises SyncTimeoutError saying why after the process group's timeout (3 s here),
+    in the forward or in loss.backward(); the other rank (no collective, as torch's) returns."""
+    got, other = ranks[0]["divergence"][case], ranks[1]["divergence"][case]
     assert got["type"] == "SyncTimeoutError", got
     assert "eval mode" in got["text"] and "init_process_group(timeout=" in got["text"], got["text"]
     assert sw.TIMEOUT_S - 0.5 <= got["seconds"] < sw.TIMEOUT_S + 15.0, got["seconds"]
-    assert evaluating["type"] is None, evaluating
+    assert other["type"] is None, other
