@@ -175,7 +175,9 @@ def _cached(a: object) -> Any:
 
 def is_array(a: object) -> bool:
     """True for anything that has a shape and a dtype (Python scalars and sequences are not arrays)."""
-    return hasattr(a, "shape") and hasattr(a, "dtype") and not isinstance(a, (int, float, bool))
+    # the number test first: torch.compile traces a float argument as a symbolic float that passes it
+    # (and on which hasattr cannot be traced)
+    return not isinstance(a, (int, float, bool)) and hasattr(a, "shape") and hasattr(a, "dtype")
 
 
 def array_namespace(*named: tuple[str, Any]) -> Any:
