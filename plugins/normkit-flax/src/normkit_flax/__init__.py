@@ -31,6 +31,7 @@ _NAMES = {
     "recalibrate": "normkit_flax._tools",
     "freeze": "normkit_flax._tools",
     "fold_batch_norm": "normkit_flax._tools",
+    "FrozenBatchNorm": "normkit_flax._tools",
 }
 
 __all__ = list(_NAMES)

@@ -178,7 +178,7 @@ def _compatible(kind: str, layer: Any, state: NormState) -> Optional[str]:
     return None
 
 
-def _statistic_dtype(layer: Any, variable: Any) -> Any:
+def statistic_dtype(layer: Any, variable: Any) -> Any:
     """Flax's float32 statistics, widened to a float64 layer's dtype (so a float64 state is held exactly)."""
     return jnp.promote_types(variable.dtype, jnp.dtype(layer.param_dtype))
 
@@ -202,7 +202,7 @@ def _writes(layer: Any, state: NormState) -> Callable[[], None]:
                              f"is not all {identity:g}")
     if kind == "batch":
         for variable, value in ((layer.mean, state.running_mean), (layer.var, state.running_var)):
-            copies.append((variable, value, _statistic_dtype(layer, variable)))
+            copies.append((variable, value, statistic_dtype(layer, variable)))
     for dtype in {jnp.dtype(d).name for _, _, d in copies}:  # a value above float16's 65504 would be stored as inf
         state.require_fits(dtype, name)
 
@@ -306,7 +306,7 @@ def from_state(state: NormState, *, rngs: Optional[nnx.Rngs] = None, layout: Opt
                 variable.set_value(jnp.reshape(variable[...], state.shape))
     if state.kind == "batch":  # a float64 layer holds float64 statistics (Flax's are float32)
         for variable in (layer.mean, layer.var):
-            variable.set_value(variable[...].astype(_statistic_dtype(layer, variable)))
+            variable.set_value(variable[...].astype(statistic_dtype(layer, variable)))
     set_state(layer, state)
     return layer
 
