@@ -10,6 +10,7 @@ roundings of ``w * gamma / sqrt(var + eps)``, rtol 1e-13.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,10 +36,11 @@ def torch_bn(c: int, v: dict) -> torch.nn.Module:
     return bn.eval()
 
 
-def fold_torch(layer: torch.nn.Module, bn: torch.nn.Module) -> torch.nn.Module:
+def fold_torch(layer: torch.nn.Module, bn: torch.nn.Module, example_inputs: Any = None) -> torch.nn.Module:
+    """The folded layer; a Linear needs ``example_inputs`` (its output must be proved 2-D to fold)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        return nkt.fold_batch_norm(torch.nn.Sequential(layer, bn))[0]
+        return nkt.fold_batch_norm(torch.nn.Sequential(layer, bn), example_inputs=example_inputs)[0]
 
 
 def fold_keras(layer: keras.layers.Layer, v: dict, input_shape: tuple) -> keras.layers.Layer:
@@ -102,6 +104,6 @@ def test_dense_folds_the_same(float64):
     dense.build((None, 7))
     dense.kernel.assign(w.T)
     dense.bias.assign(b)
-    ft, fk = fold_torch(lin, bn.eval()), fold_keras(dense, v, (7,))
+    ft, fk = fold_torch(lin, bn.eval(), torch.zeros(2, 7, dtype=torch.float64)), fold_keras(dense, v, (7,))
     np.testing.assert_allclose(fk.kernel.numpy(), ft.weight.detach().numpy().T, **TOL)
     np.testing.assert_allclose(fk.bias.numpy(), ft.bias.detach().numpy(), **TOL)
