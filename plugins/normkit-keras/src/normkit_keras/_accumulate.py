@@ -1,0 +1,126 @@
+"""``accumulate_statistics(model)``: batch norm under gradient accumulation, one moving-statistics step per step.
+
+Inside, every normkit ``BatchNormalization`` in training normalizes each call with its batch's statistics as
+usual but records the batch's ``normkit.batch_moments`` instead of updating; on exit each folds the exact merge
+(Chan, ``Moments.merge``) of what it recorded once, with Keras's convention:
+
+    moving = moving * momentum + merged * (1 - momentum)      (mean, and the biased variance)
+
+equal to one training call on the concatenated micro-batches. Eager calls only (a custom loop on TensorFlow
+with ``GradientTape``, on torch with ``backward``, on JAX with ``jax.grad`` of ``stateless_call`` without
+``jax.jit``): the records are concrete arrays, which a traced function (``tf.function``, ``jax.jit``,
+``model.fit``) cannot hand out, so a call there raises. The fold assigns the model's own variables: on JAX,
+read ``model.non_trainable_variables`` again after the context. ``model.fit`` with an optimizer's ``gradient_accumulation_steps=k`` applies
+the gradients every k steps but updates the moving statistics on every micro-batch (k momentum steps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Iterator
+
+import keras
+
+import normkit
+from normkit import Moments
+
+__all__ = ["accumulate_statistics", "record"]
+
+_LOCK = threading.Lock()
+_RECORDS: dict[int, list[Moments]] = {}  # id(layer) -> the Moments of each training call inside the context
+
+
+def _traced(x: Any) -> bool:
+    """Whether ``x`` is a symbolic value of a traced function (its statistics cannot leave the trace)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return not tf.executing_eagerly()
+    if backend == "jax":
+        import jax
+
+        return isinstance(x, jax.core.Tracer)
+    if backend == "torch":
+        import torch
+
+        return torch.compiler.is_compiling()
+    return False
+
+
+def record(layer: Any, x: Any, mask: Any, xp: Any) -> bool:
+    """Called by a BatchNormalization training call that would update its moving statistics with batch ``x``:
+    True when it must not (inside ``accumulate_statistics``: the batch's Moments are recorded for the fold)."""
+    records = _RECORDS.get(id(layer))
+    if records is None:
+        return False
+    x = keras.ops.stop_gradient(x)  # under jax.grad without jit: the concrete value behind the tracer
+    if _traced(x):
+        raise RuntimeError(
+            f"accumulate_statistics: BatchNormalization {layer.name!r} was called inside a traced function "
+            "(tf.function, jax.jit, model.fit); call the model eagerly inside the context")
+    batch = None
+    if layer.synchronized:  # every replica's statistics, as the call normalized with
+        from normkit_keras import _synchronized
+
+        batch = _synchronized.global_moments(x, axis=layer.axis, mask=mask, xp=xp, layer=layer._description())
+    if batch is None:
+        batch = normkit.batch_moments(x, axis=layer.axis, mask=mask, xp=xp)
+    records.append(batch)
+    return True
+
+
+def _fold(layer: Any, records: list[Moments]) -> None:
+    """One moving-statistics update of ``layer`` with the merge of ``records`` (Keras: old weight ``momentum``)."""
+    from normkit_keras._backend import backend_namespace, native
+
+    merged = records[0]
+    for part in records[1:]:
+        merged = merged.merge(part)
+    new_mean, new_var = normkit.update_running_stats(
+        native(layer.moving_mean), native(layer.moving_variance), merged, momentum=1.0 - layer.momentum,
+        correction=0, xp=backend_namespace())
+    layer.moving_mean.assign(new_mean)
+    layer.moving_variance.assign(new_var)
+
+
+@contextlib.contextmanager
+def accumulate_statistics(model: Any) -> Iterator[Any]:
+    """Gradient accumulation for batch norm in a custom training loop: inside, every BatchNormalization's
+    training calls normalize with their batch's statistics but only record them; on exit each layer takes one
+    moving-statistics step with the exact merge of its micro-batches (as one call on their concatenation).
+    An exception inside discards what was recorded (the statistics stay as they were).
+
+    Every BatchNormalization in ``model`` must be normkit's (``normkit_keras.convert(model)`` first); a Keras one,
+    or one with ``renorm=True`` (its own moving state), is refused by name, as is nesting on one layer.
+    """
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(f"accumulate_statistics expects a keras.Model or keras Layer, got {type(model).__name__}")
+    from normkit_keras._batch_normalization import BatchNormalization
+
+    bns = [l for l in model._flatten_layers(include_self=True, recursive=True)
+           if isinstance(l, keras.layers.BatchNormalization)]
+    foreign = [f"{l.name} ({type(l).__module__}.{type(l).__name__}{', renorm=True' if l.renorm else ''})"
+               for l in bns if not isinstance(l, BatchNormalization) or l.renorm]
+    if foreign:
+        raise TypeError("accumulate_statistics needs normkit_keras.BatchNormalization layers without renorm "
+                        f"(normkit_keras.convert(model) first); got {', '.join(foreign)}")
+    with _LOCK:
+        busy = [l.name for l in bns if id(l) in _RECORDS]
+        if busy:
+            raise RuntimeError(f"accumulate_statistics is already active on {', '.join(busy)}: it does not nest")
+        for l in bns:
+            _RECORDS[id(l)] = []
+    try:
+        yield model
+    except BaseException:
+        with _LOCK:
+            for l in bns:
+                _RECORDS.pop(id(l), None)
+        raise
+    with _LOCK:
+        recorded = [(l, _RECORDS.pop(id(l))) for l in bns]
+    for layer, records in recorded:
+        if records:
+            _fold(layer, records)
