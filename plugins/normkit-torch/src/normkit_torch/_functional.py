@@ -21,9 +21,11 @@ it as one call.
 
 from __future__ import annotations
 
+import functools
+import numbers
 import sys
 import threading
-from typing import Any, Callable, List, Optional, Union
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import normkit
 import torch
@@ -149,7 +151,78 @@ def _choose(op: str, input: Tensor, key: tuple) -> Optional[Callable[..., Any]]:
     return found
 
 
-# ---------------------------------------------------------------- torch's checks (the core path's errors)
+# ---------------------------------------------------------------- torch's contract on the core path
+#
+# Under "core" each function keeps torch.nn.functional's contract: torch's own checks and messages
+# run first (below); where the core refuses an input torch takes (an empty batch, eps < 0, momentum
+# outside [0, 1], NaN eps, a per-channel tensor of shape (1, C)...) or takes one torch refuses (a
+# momentum that is not a number, dtypes torch's CPU kernels do not mix, normalized_shape=()), torch's
+# own function decides: its result (nothing the core could compute better: no statistics, or
+# arguments outside the algorithm's domain) or its error.
+
+_CORE_REFUSALS = (ValueError, TypeError)  # how the core refuses an argument (named in its message)
+
+
+def _core_or_torch(core: Callable[[], Any], torch_call: Callable[[], Any]) -> Any:
+    """The core's answer; where the core refuses the arguments, torch's function's (its result or its error).
+    While torch.compile traces, the core's alone (a try block in the graph would break it)."""
+    if is_compiling():
+        return core()
+    try:
+        return core()
+    except _CORE_REFUSALS:
+        pass
+    return torch_call()  # outside the except block: torch's error alone, not chained to the core's
+
+
+def _buffer_value(t: Tensor) -> Tensor:
+    """``t`` as the value a running buffer takes in place: detached, and without torch.func's gradient-transform
+    wrappers (grad, jacrev, jvp). A vmap-batched value stays wrapped: its copy raises, as torch.nn's update does."""
+    t = t.detach()
+    if is_compiling():
+        return t
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t) and not functorch.is_batchedtensor(t):
+        t = functorch.get_unwrapped(t)
+    return t
+
+
+class _OutsideTransforms:
+    """no_grad, and torch.func's layers switched off: aten's kernels update running buffers below torch.func,
+    so a buffer that a grad/jvp transform captured takes its new value (an in-place op on it raises above)."""
+
+    def __enter__(self) -> None:
+        self._no_grad, self._no_func = torch.no_grad(), torch._C._DisableFuncTorch()
+        self._no_grad.__enter__()
+        self._no_func.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._no_func.__exit__(*exc)
+        self._no_grad.__exit__(*exc)
+
+
+def _buffer_writes() -> Any:
+    """The context of the in-place running-buffer updates: ``_OutsideTransforms`` inside a torch.func transform,
+    else ``torch.no_grad()`` (what torch.compile traces)."""
+    if not is_compiling() and torch._C._functorch.maybe_current_level() is not None:
+        return _OutsideTransforms()
+    return torch.no_grad()
+
+
+def _torch_refuses(input: Tensor, *tensors: Optional[Tensor], momentum: Any = 0.1) -> bool:
+    """Arguments the core would take but torch's kernel refuses: a momentum that is not a real number or a
+    tensor (a NumPy array), or on CPU per-channel tensors of a dtype aten does not mix with the input's
+    (only float32 parameters with float16/bfloat16 input). Not asked while torch.compile traces."""
+    if is_compiling():
+        return False
+    if not isinstance(momentum, (numbers.Real, Tensor)):
+        return True
+    if input.device.type != "cpu":
+        return False
+    dtypes = {t.dtype for t in tensors if isinstance(t, Tensor)}
+    return bool(dtypes) and dtypes != {input.dtype} and not (
+        input.dtype in (torch.float16, torch.bfloat16) and dtypes == {torch.float32})
+
 
 
 def _verify_batch_size(size: Sequence[int]) -> None:
@@ -186,6 +259,16 @@ def _check_trailing(input: Tensor, normalized_shape: tuple[int, ...], star: str)
             f"Given normalized_shape={list(normalized_shape)}, expected input with shape [{star}{dims}], "
             f"but got input of size{list(input.shape)}"
         )
+
+
+def _check_normalized_params(shape: tuple[int, ...], **tensors: Optional[Tensor]) -> None:
+    """aten's check: the affine parameters of layer and RMS norm have the shape ``normalized_shape``."""
+    for name, t in tensors.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise RuntimeError(
+                f"Expected {name} to be of same shape as normalized_shape, but got {name} of shape "
+                f"{list(t.shape)} and normalized_shape = {list(shape)}"
+            )
 
 
 def _as_shape(normalized_shape: Any) -> tuple[int, ...]:
@@ -228,7 +311,7 @@ def batch_norm(
         )
     fn = kernel_for("batch_norm", input)
     # one virtual batch of the whole (known) batch is plain batch norm, kernels included
-    ghost = training and virtual_batch_size is not None and virtual_batch_size != input.shape[0]
+    ghost = bool(training and virtual_batch_size is not None and input.dim() > 0 and virtual_batch_size != input.shape[0])
     if fn is not None and not isinstance(momentum, Tensor) and not ghost:
         return fn(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if training:
@@ -237,13 +320,28 @@ def batch_norm(
             raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     elif eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    _check_features(input.shape[1], 1, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
-    out = normkit.batch_norm(
-        input, running_mean, running_var, weight, bias, training=training, momentum=momentum, eps=eps, axis=1,
-        virtual_batch_size=virtual_batch_size if training else None, xp=xp,
+    channels = input.shape[1] if input.dim() > 1 else 0  # aten's count for a rank-0/1 input
+    _check_features(channels, 1, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+
+    # partials, not closures: TorchScript's frontend parses this body (refusing nested defs and lambdas)
+    core = functools.partial(
+        normkit.batch_norm, input, running_mean, running_var, weight, bias, training=training, momentum=momentum,
+        eps=eps, axis=1, virtual_batch_size=virtual_batch_size if training else None, xp=xp,
     )
+    torch_call = functools.partial(F.batch_norm, input, running_mean, running_var, weight, bias, training, momentum,
+                                   eps)
+
+    if ghost:  # normkit's own feature: the core's contract and messages
+        out = core()
+    elif _torch_refuses(input, running_mean, running_var, weight, bias, momentum=momentum):
+        return torch_call()
+    else:
+        out = _core_or_torch(core, torch_call)
+        if isinstance(out, Tensor):  # torch's function answered (and updated the buffers itself)
+            return out
     if training and running_mean is not None and running_var is not None:
-        with torch.no_grad():
+        out = out._replace(running_mean=_buffer_value(out.running_mean), running_var=_buffer_value(out.running_var))
+        with _buffer_writes():
             running_mean.copy_(out.running_mean)
             running_var.copy_(out.running_var)
     return out.output
@@ -273,16 +371,24 @@ def instance_norm(
         return fn(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     if use_input_stats:
         _verify_spatial_size(input.size())
+    torch_call = functools.partial(F.instance_norm, input, running_mean, running_var, weight, bias, use_input_stats,
+                                   momentum, eps)
+
+    if input.dim() < 2 or _torch_refuses(input, running_mean, running_var, weight, bias, momentum=momentum):
+        return torch_call()
     _check_features(input.shape[1], input.shape[0], running_mean=running_mean, running_var=running_var,
                     weight=weight, bias=bias)
-    output, new_mean, new_var = normkit.instance_norm(
-        input, running_mean, running_var, weight, bias,
+    out = _core_or_torch(functools.partial(
+        normkit.instance_norm, input, running_mean, running_var, weight, bias,
         use_input_stats=use_input_stats, momentum=momentum, eps=eps, axis=1, xp=xp,
-    )
+    ), torch_call)
+    if isinstance(out, Tensor):  # torch's function answered (and updated the buffers itself)
+        return out
+    output, new_mean, new_var = out
     if use_input_stats and running_mean is not None and running_var is not None:
-        with torch.no_grad():
-            running_mean.copy_(new_mean)
-            running_var.copy_(new_var)
+        with _buffer_writes():
+            running_mean.copy_(_buffer_value(new_mean))
+            running_var.copy_(_buffer_value(new_var))
     return output.contiguous()
 
 
@@ -301,9 +407,15 @@ def layer_norm(
     if fn is not None:
         return fn(input, normalized_shape, weight, bias, eps)
     shape = _as_shape(normalized_shape)
+    torch_call = functools.partial(F.layer_norm, input, normalized_shape, weight, bias, eps)
+
+    if not shape or _torch_refuses(input, weight, bias):  # () : torch's "at least 1-dimensional" error
+        return torch_call()
+    _check_normalized_params(shape, weight=weight, bias=bias)
     _check_trailing(input, shape, "*, ")
     axes = tuple(range(input.dim() - len(shape), input.dim()))
-    return normkit.layer_norm(input, weight, bias, axis=axes, eps=eps, xp=xp)
+    return _core_or_torch(functools.partial(normkit.layer_norm, input, weight, bias, axis=axes, eps=eps, xp=xp),
+                          torch_call)
 
 
 def group_norm(
@@ -320,6 +432,10 @@ def group_norm(
         return fn(input, num_groups, weight, bias, eps)
     if input.dim() < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
+    torch_call = functools.partial(F.group_norm, input, num_groups, weight, bias, eps)
+
+    if not isinstance(num_groups, int) or num_groups <= 0 or _torch_refuses(input, weight, bias):
+        return torch_call()
     _verify_batch_size([input.size(0) * input.size(1) // num_groups, num_groups] + list(input.size()[2:]))
     channels = input.shape[1]
     if channels % num_groups != 0:
@@ -333,7 +449,8 @@ def group_norm(
                 f"Expected {name} to be a vector of size equal to the number of channels in input, "
                 f"but got {name} of shape {list(t.shape)} and input of shape {list(input.shape)}"
             )
-    return normkit.group_norm(input, num_groups, weight, bias, axis=1, eps=eps, xp=xp)  # keeps channels_last
+    return _core_or_torch(  # keeps channels_last
+        functools.partial(normkit.group_norm, input, num_groups, weight, bias, axis=1, eps=eps, xp=xp), torch_call)
 
 
 def rms_norm(
@@ -349,11 +466,16 @@ def rms_norm(
     if fn is not None:
         return fn(input, normalized_shape, weight, eps)
     shape = _as_shape(normalized_shape)
+    torch_call = functools.partial(F.rms_norm, input, normalized_shape, weight, eps)
+
+    if not shape:  # torch's "at least 1-dimensional" error
+        return torch_call()
     if input.dim() < len(shape):
         raise ValueError(f"Input tensor must have at least {len(shape)} dimensions, but got {input.dim()}")
+    _check_normalized_params(shape, weight=weight)
     _check_trailing(input, shape, "*")
     axes = tuple(range(input.dim() - len(shape), input.dim()))
-    return normkit.rms_norm(input, weight, axis=axes, eps=eps, xp=xp)
+    return _core_or_torch(functools.partial(normkit.rms_norm, input, weight, axis=axes, eps=eps, xp=xp), torch_call)
 
 
 # ---------------------------------------------------------------- the fitted scalers' math

@@ -9,9 +9,11 @@ pure like the core: running statistics come back as new tensors (aten updates cl
 
 aten forms ``x * scale + shift`` rather than ``(x - mean) * scale``: in float32 at a data offset of
 1e4 it is about 1e-3 off the float64 reference where the core is exact. Where aten is much worse
-than that in float32/half, the kernel declines: training batch norm with channels innermost (dense
-or channels_last; naive float32 sums, about one standard deviation off for 1e6 rows at mean 1e4) and
-channels_last group norm (one-pass variance: hundreds of standard deviations off at mean 1e4).
+than that in float32/half, the kernel declines: training batch norm where aten's statistics sum the
+batch naively (channels innermost: dense ``(N, C)`` for every C, 1 included, any input without a
+spatial extent, channels_last; about one standard deviation off for 1e6 rows at mean 1e4; see
+``_sums_naively``) and channels_last group norm (one-pass variance: hundreds of standard deviations
+off at mean 1e4).
 
 Each also names, as ``nn_functional``, the ``torch.nn.functional`` function over the same kernel:
 what the modules' dispatch (``normkit_torch.functional``) calls where this kernel is chosen.
@@ -80,6 +82,18 @@ def _channels_last(x: Tensor) -> bool:
     return False
 
 
+def _sums_naively(xm: Tensor) -> bool:
+    """aten's CPU batch-norm statistics run its channels-last kernel (a naive float32 sum over the batch: about
+    one standard deviation off for 1e6 rows at mean 1e4) for a ``(N, C, *spatial)`` input whose reduction is
+    over the outer axis: dense with no spatial extent (``(N, C)``, ``(N, 1)``, ``(N, C, 1, 1)``), or stored
+    channels_last (4-d/5-d, C > 1). Contiguous input with a spatial extent (``(N, 1, L)`` included) and other
+    strided views take its pairwise kernel."""
+    spatial = 1
+    for d in xm.shape[2:]:
+        spatial = spatial * d
+    return (spatial == 1 and xm.is_contiguous()) or _channels_last(xm)
+
+
 def _trailing(axis: tuple[int, ...], ndim: int) -> bool:
     k = len(axis)
     return k > 0 and axis == tuple(range(ndim - k, ndim))
@@ -108,8 +122,8 @@ def batch_norm(
     if training:
         if x.numel() // max(c, 1) <= 1:  # one value per feature: the core raises, or returns bias
             return NotImplemented
-        if x.dtype != torch.float64 and xm.stride(1) == 1 and c > 1:
-            return NotImplemented  # channels innermost (dense, channels_last): aten sums naively in float32
+        if x.dtype != torch.float64 and _sums_naively(xm):
+            return NotImplemented  # aten's channels-innermost statistics: naive float32 sums
         if update:
             factor = _momentum(momentum, num_batches)
             if factor is None or correction != 1:
