@@ -1,4 +1,5 @@
-"""Every normkit torch module under torch.func (functional_call, grad, jacrev, jvp, vmap), both policies, both modes.
+"""Every normkit torch module under torch.func (functional_call, grad, jacrev, jvp, vmap, functionalize), both
+policies, both modes.
 
 Each transform runs on the normkit module and on its torch.nn twin (same float64 state and input) in
 the test itself: wherever torch.nn's works, normkit's must work and give the same values (outputs,
@@ -17,12 +18,12 @@ import pytest
 import torch
 from conftest import F64, data, make_pair, pair_id
 from torch import nn
-from torch.func import functional_call, grad, jacrev, jvp, vmap
+from torch.func import functional_call, functionalize, grad, jacrev, jvp, vmap
 
 import normkit_torch as nkt
 
 TIGHT = dict(rtol=1e-10, atol=1e-12)
-TRANSFORMS = ("functional_call", "grad", "jacrev", "jvp", "vmap")
+TRANSFORMS = ("functional_call", "grad", "jacrev", "jvp", "vmap", "functionalize")
 
 # (normkit class, torch.nn twin, args, kwargs, input shape): every configuration kind of conftest.PAIRS on
 # inputs small enough for Jacobians, the Lazy variants (materialized by a first call), BatchNorm of any rank
@@ -53,11 +54,12 @@ ALL = [
 def torch_raises(module: nn.Module, training: bool, transform: str) -> bool:
     """Where torch.nn's module fails under the transform (so normkit's may do either), all in training with
     running statistics: batch norm increments num_batches_tracked in place on a buffer the transform captured
-    (grad, jacrev, jvp), and vmap cannot batch the in-place running update of batch or instance norm."""
+    (grad, jacrev, jvp; functionalize takes it), and vmap cannot batch the in-place running update of batch or
+    instance norm."""
     if not training or not getattr(module, "track_running_stats", False):
         return False
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return transform != "functional_call"
+        return transform not in ("functional_call", "functionalize")
     return transform == "vmap"
 
 
@@ -93,6 +95,8 @@ def _apply(module: nn.Module, transform: str, x: torch.Tensor) -> Any:
         return jacrev(lambda inp: out(params, inp))(x), buffers
     if transform == "jvp":
         return jvp(lambda inp: out(params, inp), (x,), (data(x.shape, seed=4),)), buffers
+    if transform == "functionalize":  # the buffers functional_call updates, written back through the transform
+        return functionalize(lambda inp: out(params, inp))(x), buffers
     assert transform == "vmap"
     xs = torch.stack([x, data(x.shape, seed=5), data(x.shape, seed=6)])
     return vmap(lambda inp: out(params, inp))(xs), buffers
@@ -104,7 +108,7 @@ def _eager(module: nn.Module, transform: str, x: torch.Tensor) -> Any:
     g = data(x.shape, seed=3)
     saved = {k: v.clone() for k, v in m.named_buffers()}
     try:
-        if transform == "functional_call":
+        if transform in ("functional_call", "functionalize"):
             with torch.no_grad():
                 y = m(x)
             return y, {k: v.clone() for k, v in m.named_buffers()}

@@ -176,15 +176,21 @@ def _core_or_torch(core: Callable[[], Any], torch_call: Callable[[], Any]) -> An
 
 
 def _buffer_value(t: Tensor) -> Tensor:
-    """``t`` as the value a running buffer takes in place: detached, and without torch.func's gradient-transform
-    wrappers (grad, jacrev, jvp). A vmap-batched value stays wrapped: its copy raises, as torch.nn's update does."""
+    """``t`` as the value a running buffer takes in place: detached, and without torch.func's wrappers (grad,
+    jacrev, jvp; functionalize's, synced first). A vmap-batched value stays wrapped: its copy raises, as torch.nn's
+    update does."""
     t = t.detach()
     if is_compiling():
         return t
     functorch = torch._C._functorch
-    while functorch.is_functorch_wrapped_tensor(t) and not functorch.is_batchedtensor(t):
-        t = functorch.get_unwrapped(t)
-    return t
+    while True:
+        if functorch.is_functorch_wrapped_tensor(t) and not functorch.is_batchedtensor(t):
+            t = functorch.get_unwrapped(t)
+        elif torch._is_functional_tensor(t):
+            torch._sync(t)
+            t = torch._from_functional_tensor(t)
+        else:
+            return t
 
 
 class _OutsideTransforms:
@@ -311,7 +317,8 @@ def batch_norm(
         )
     fn = kernel_for("batch_norm", input)
     # one virtual batch of the whole (known) batch is plain batch norm, kernels included
-    ghost = bool(training and virtual_batch_size is not None and input.dim() > 0 and virtual_batch_size != input.shape[0])
+    ghost = bool(training and virtual_batch_size is not None and input.dim() > 0
+                 and virtual_batch_size != input.shape[0])
     if fn is not None and not isinstance(momentum, Tensor) and not ghost:
         return fn(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if training:
@@ -325,8 +332,9 @@ def batch_norm(
 
     # partials, not closures: TorchScript's frontend parses this body (refusing nested defs and lambdas)
     core = functools.partial(
-        normkit.batch_norm, input, running_mean, running_var, weight, bias, training=training, momentum=momentum,
-        eps=eps, axis=1, virtual_batch_size=virtual_batch_size if training else None, xp=xp,
+        normkit.batch_norm,
+        input, running_mean, running_var, weight, bias, training=training, momentum=momentum, eps=eps, axis=1,
+        virtual_batch_size=virtual_batch_size if training else None, xp=xp,
     )
     torch_call = functools.partial(F.batch_norm, input, running_mean, running_var, weight, bias, training, momentum,
                                    eps)
