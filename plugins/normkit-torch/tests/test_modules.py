@@ -279,6 +279,31 @@ def test_half_input_with_float32_module(pair, half, policy):
     assert_state_equal(ours, upcast, rtol=1e-5, atol=1e-6)
 
 
+def _outcome(module, x):
+    """The module's output and state after one call, or its error's type and message."""
+    try:
+        return module(x), module.state_dict()
+    except Exception as error:  # noqa: BLE001 - compared with torch.nn's
+        return type(error), str(error)
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # torch's RMSNorm
+@pytest.mark.parametrize("module_dtype,input_dtype", [(F64, torch.float32), (torch.float32, F64)], ids=str)
+def test_mixed_dtype_input_as_torch_nn(pair, module_dtype, input_dtype, policy):
+    """A module left in one dtype given input of another: torch.nn's outcome under either policy, torch's CPU
+    "mixed dtype" error where aten refuses to mix (batch, layer, group norm), the same output otherwise; the core
+    would cast and compute."""
+    ours, theirs = make_pair(pair, dtype=module_dtype)
+    x = data(pair[4], dtype=input_dtype)
+    got, want = _outcome(ours, x), _outcome(theirs, x)
+    if isinstance(want[0], type):
+        assert got == want
+        return
+    assert isinstance(got[0], torch.Tensor) and got[0].dtype == want[0].dtype
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+
+
 def test_rms_norm_eps_none_half_uses_float32_eps(policy):
     x = torch.full((2, 4), 1e-4, dtype=torch.float16)  # mean(x**2) ~ 1e-8: eps matters
     ours, theirs = nkt.RMSNorm(4), nn.RMSNorm(4)
