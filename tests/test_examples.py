@@ -34,6 +34,7 @@ def run(name: str, out: Path) -> dict:
 CHECKED_ELSEWHERE = {
     "port_torch_to_keras": "test_example_port.py",
     "fold_and_recalibrate": "test_example_tools.py",
+    "port_torch_to_flax": "test_example_port_flax.py",
 }
 
 
