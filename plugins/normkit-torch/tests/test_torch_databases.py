@@ -261,7 +261,9 @@ def module_differences(info: Any, dtype: torch.dtype, lazy: bool = False) -> lis
     theirs_cls, ours_cls = LAZY[info.module_cls] if lazy else (info.module_cls, TO_NORMKIT[info.module_cls])
     found = []
     for training in (True, False):
-        for i, case in enumerate(_module_cases(info, dtype, training, lazy)):
+        cases = _module_cases(info, dtype, training, lazy)
+        assert cases, f"{info.name} {dtype}: module_db gives no sample input (nothing would be compared)"
+        for i, case in enumerate(cases):
             args, kwargs = case.constructor_input.args, case.constructor_input.kwargs
             if lazy and "lazy" not in str(case.constructor_input.kwargs) and info.module_cls in LAZY and \
                     info.module_cls not in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
@@ -347,7 +349,9 @@ def _op_run(fn: Callable[..., Any], sample: Any, dtype: Optional[torch.dtype] = 
 def op_differences(op: Any, dtype: torch.dtype) -> list[str]:
     found = []
     torch.manual_seed(0)
-    for i, sample in enumerate(op.sample_inputs("cpu", dtype, requires_grad=True)):
+    samples = list(op.sample_inputs("cpu", dtype, requires_grad=True))
+    assert samples, f"{op.name} {dtype}: op_db gives no sample input (nothing would be compared)"
+    for i, sample in enumerate(samples):
         theirs, ours = _op_run(op.op, sample), _op_run(OPS[op.name], sample)
         where = f"{op.name}[{i}] input {tuple(sample.input.shape)} {sample.kwargs if not any(isinstance(v, torch.Tensor) for v in sample.kwargs.values()) else ''} {dtype}"
         found += _compare(ours, theirs, where, lambda: _op_run(op.op, sample, torch.float64))
