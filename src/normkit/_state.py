@@ -13,7 +13,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -390,6 +390,27 @@ class StateCopyReport:
         taken = set(mapping.values())
         report.unmatched_source = [s for s in source if s not in mapping]
         report.unmatched_target = [t for t in target if t not in taken]
+        return report
+
+    @classmethod
+    def carry_out(
+        cls, states: Mapping[str, "NormState"], layers: Mapping[str, Any], writes: Callable[[Any, "NormState"], Callable[[], None]],
+        mapping: Optional[Mapping[str, str]] = None, *, strict: bool = True,
+    ) -> "StateCopyReport":
+        """Plan the pairs, check each (``writes(layer, state)`` returns the write, or raises ValueError/TypeError
+        naming the mismatch), then write: all or nothing when ``strict`` (ValueError with the report)."""
+        report = cls.plan(list(states), list(layers), mapping)
+        checked = []
+        for s, t in report.pairs:
+            try:
+                checked.append((s, t, writes(layers[t], states[s])))
+            except (ValueError, TypeError) as exc:
+                report.mismatched.append((s, t, str(exc)))
+        if strict and not report.ok:
+            raise ValueError(f"normalization states do not match (nothing copied):\n{report}")
+        for s, t, write in checked:
+            write()
+            report.copied.append((s, t))
         return report
 
     @property

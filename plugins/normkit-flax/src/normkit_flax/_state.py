@@ -362,18 +362,4 @@ def copy_norm_states(source: Any, target: Any, *, mapping: Optional[Mapping[str,
     and copies nothing if a pair mismatches (kind, groups, size, axes) or a layer is left over;
     otherwise the compatible pairs are copied and the report lists the rest.
     """
-    states = _source_states(source)
-    layers = norm_layers(target)
-    report = StateCopyReport.plan(list(states), list(layers), mapping)
-    writes = []
-    for s, t in report.pairs:
-        try:
-            writes.append((s, t, _writes(layers[t], states[s])))
-        except (ValueError, TypeError) as exc:
-            report.mismatched.append((s, t, str(exc)))
-    if strict and not report.ok:
-        raise ValueError(f"normalization states do not match (nothing copied):\n{report}")
-    for s, t, write in writes:
-        write()
-        report.copied.append((s, t))
-    return report
+    return StateCopyReport.carry_out(_source_states(source), norm_layers(target), _writes, mapping, strict=strict)
