@@ -131,16 +131,18 @@ def _input(case: PortCase, seed: int = 0) -> np.ndarray:
 
 
 def build(fw: Framework, state: NormState, case: PortCase) -> Any:
-    """``fw``'s layer for ``state`` in the case's layout, or channels-first where ``fw`` has no other."""
+    """``fw``'s layer for ``state`` in the case's layout, or in the other where ``fw`` holds one only.
+
+    torch's layers are channels-first only, Flax's GroupNorm channels-last only; ``run`` transposes.
+    """
     rank = len(case.input_shape)
     if case.layout is None:
         return fw.module.from_state(state, input_rank=rank)
     try:
         return fw.module.from_state(state, layout=case.layout, input_rank=rank)
     except ValueError:
-        if case.layout != "channels_last":
-            raise
-        return fw.module.from_state(state, layout="channels_first", input_rank=rank)
+        other = "channels_first" if case.layout == "channels_last" else "channels_last"
+        return fw.module.from_state(state, layout=other, input_rank=rank)
 
 
 def run(fw: Framework, layer: Any, case: PortCase, x: np.ndarray) -> np.ndarray:

@@ -2,8 +2,11 @@
 
 Every array in or out is NumPy. The harness turns on ``jax_enable_x64`` (its float64 cases need it,
 as the core's jax backends and Keras's JAX harness do). Flax keeps ``mean``/``var`` in float32
-whatever the parameters' dtype, so the reference's moving statistics ``momentum * old + (1 - momentum) *
-batch`` are evaluated in float64 and stored in float32, as Flax does for a float64 layer.
+whatever the parameters' dtype; a float64 case's BatchNorms (ours and flax.nnx's alike) hold float64
+statistics instead, as ``normkit_flax.from_state`` builds them, so the float64 cases are judged against
+the float64 reference (float32 storage would put both one float32 ulp, 6e-8, from it, and a float64
+sum may round either way). The reference's moving statistics ``momentum * old + (1 - momentum) * batch``
+are evaluated in float64 and stored in the layer's statistics dtype.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def randomize(layer: Any, seed: int, data_offset: float = 0.0) -> None:
         v[...] = jnp.asarray(value.astype(np.dtype(v.dtype)))
 
 
-def _bn_reference(eps: float, momentum: float) -> Callable:
+def _bn_reference(eps: float, momentum: float, stats_dtype: str = "float32") -> Callable:
     from normkit.testing import reference
 
     def ref(x: np.ndarray, state: dict, training: bool) -> tuple[np.ndarray, dict]:
@@ -46,8 +49,8 @@ def _bn_reference(eps: float, momentum: float) -> Callable:
                                             training=training, momentum=1.0, eps=eps, axis=-1, correction=0)
         if not training:
             return y, {}
-        def ema(old: np.ndarray, batch: np.ndarray) -> np.ndarray:  # computed in float64, stored in float32
-            return (old * momentum + batch * (1 - momentum)).astype(np.float32).astype(np.float64)
+        def ema(old: np.ndarray, batch: np.ndarray) -> np.ndarray:  # computed in float64, stored in the stats dtype
+            return (old * momentum + batch * (1 - momentum)).astype(stats_dtype).astype(np.float64)
 
         return y, {"mean": ema(state["mean"], mean), "var": ema(state["var"], var)}
 
@@ -116,6 +119,9 @@ class FlaxHarness:
         def make(module: Any) -> Callable[[], Any]:
             def build() -> Any:
                 layer = getattr(module, cls_name)(features, param_dtype=dtype, dtype=dtype, rngs=nnx.Rngs(0), **kwargs)
+                if isinstance(layer, nnx.BatchNorm) and dtype == "float64":  # float64 statistics (module docstring)
+                    for v in (layer.mean, layer.var):
+                        v.set_value(v[...].astype(dtype))
                 randomize(layer, seed, data_offset)
                 return layer
 
@@ -142,9 +148,9 @@ class FlaxHarness:
 
         for dtype in ("float64", "float32"):
             for fast in (False, True):
-                add("dense", "BatchNorm", (8, 5), _bn_reference(1e-5, 0.99), _bn_grads(1e-5), dtype, fast)
+                add("dense", "BatchNorm", (8, 5), _bn_reference(1e-5, 0.99, dtype), _bn_grads(1e-5), dtype, fast)
                 add("last", "LayerNorm", (4, 6, 5), *_family_reference("layer", 1e-6), dtype, fast)
-            add("image", "BatchNorm", (2, 5, 6, 3), _bn_reference(1e-5, 0.99), _bn_grads(1e-5), dtype, False)
+            add("image", "BatchNorm", (2, 5, 6, 3), _bn_reference(1e-5, 0.99, dtype), _bn_grads(1e-5), dtype, False)
             add("rms", "RMSNorm", (4, 6, 5), *_family_reference("rms", 1e-6), dtype, False)
             add("groups2", "GroupNorm", (2, 5, 6, 4), *_family_reference("group", 1e-6, 2), dtype, False, num_groups=2)
             add("image", "InstanceNorm", (2, 5, 6, 3), *_family_reference("instance", 1e-6), dtype, False)
