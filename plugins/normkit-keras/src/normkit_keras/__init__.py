@@ -42,6 +42,10 @@ _FUNCTIONS = {
     "UnfoldedBatchNormWarning": "normkit_keras._fold",
     "freeze": "normkit_keras._freeze",
     "recalibrate": "normkit_keras._recalibrate",
+    "convert": "normkit_keras._convert",
+    "ConversionReport": "normkit_keras._convert",
+    "UnconvertedNormWarning": "normkit_keras._convert",
+    "accumulate_statistics": "normkit_keras._accumulate",
 }
 
 __all__ = list(_LAYERS) + list(_FUNCTIONS)
@@ -52,6 +56,8 @@ if TYPE_CHECKING:
     from normkit_keras._family import GroupNormalization, LayerNormalization, RMSNormalization, UnitNormalization
     from normkit_keras._fold import UnfoldedBatchNormWarning, fold_batch_norm
     from normkit_keras._freeze import freeze
+    from normkit_keras._accumulate import accumulate_statistics
+    from normkit_keras._convert import ConversionReport, UnconvertedNormWarning, convert
     from normkit_keras._recalibrate import recalibrate
     from normkit_keras._preprocessing import MinMaxScale, Standardize
     from normkit_keras._state import copy_norm_states, from_state, get_state, norm_states, set_state

@@ -72,15 +72,18 @@ def record(layer: Any, x: Any, mask: Any, xp: Any) -> bool:
 
 
 def _fold(layer: Any, records: list[Moments]) -> None:
-    """One moving-statistics update of ``layer`` with the merge of ``records`` (Keras: old weight ``momentum``)."""
+    """One moving-statistics update of ``layer`` with the merge of ``records``, with the conventions of its own
+    training call (``core_arguments``: new weight ``1 - momentum``, biased variance)."""
     from normkit_keras._backend import backend_namespace, native
+    from normkit_keras._batch_normalization import core_arguments
 
     merged = records[0]
     for part in records[1:]:
         merged = merged.merge(part)
+    conventions = core_arguments(layer)
     new_mean, new_var = normkit.update_running_stats(
-        native(layer.moving_mean), native(layer.moving_variance), merged, momentum=1.0 - layer.momentum,
-        correction=0, xp=backend_namespace())
+        native(layer.moving_mean), native(layer.moving_variance), merged, momentum=conventions["momentum"],
+        correction=conventions["correction"], xp=backend_namespace(layer=layer))
     layer.moving_mean.assign(new_mean)
     layer.moving_variance.assign(new_var)
 
