@@ -7,6 +7,9 @@ PY     := $(CURDIR)/$(VENV)/bin/python
 PLUGINS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
 STAMP  := $(VENV)/.installed
 PYTEST := $(PY) -m pytest -p no:cacheprovider
+# The large test directories run on both cores (pytest-xdist); tests that start processes (gloo ranks, a dask
+# cluster) carry xdist_group("processes") and run one at a time on one worker.
+PYTEST_N := $(PYTEST) -n 2 --dist loadgroup
 
 .PHONY: demo test bench mutants venv clean
 
@@ -31,11 +34,11 @@ demo: $(STAMP)
 # Each test directory runs in its own pytest process with its own rootdir (plugins are separate
 # distributions). Keras fixes its backend once per process: TensorFlow (the default) first, then the
 # Keras layers and their conformance run again on jax and on torch.
-KERAS_TESTS := cd plugins/normkit-keras && $(PYTEST) tests
+KERAS_TESTS := cd plugins/normkit-keras && $(PYTEST_N) tests
 test: export NORMKIT_STRICT_PLUGINS = 1
 test: $(STAMP)
-	$(PYTEST) tests
-	cd plugins/normkit-torch && $(PYTEST) tests
+	$(PYTEST_N) tests
+	cd plugins/normkit-torch && $(PYTEST_N) tests
 	cd plugins/normkit-flax && $(PYTEST) tests
 	$(KERAS_TESTS)
 	for backend in jax torch; do \

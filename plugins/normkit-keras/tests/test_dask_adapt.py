@@ -15,6 +15,8 @@ import pytest
 
 from normkit_keras import MinMaxScale, Standardize
 
+pytestmark = pytest.mark.xdist_group("processes")  # starts processes: one such test at a time under xdist
+
 FLOAT32 = dict(rtol=2.0**-23, atol=0.0)
 
 

@@ -31,6 +31,8 @@ from normkit.testing import reference
 import normkit_keras as nk
 from normkit_keras.testing import gradients
 
+pytestmark = pytest.mark.xdist_group("processes")  # starts processes: one such test at a time under xdist
+
 BACKEND = keras.backend.backend()
 HERE = Path(__file__).parent
 TIGHT = dict(rtol=1e-10, atol=1e-12)

@@ -20,7 +20,8 @@ BACKEND = keras.backend.backend()
 HERE = Path(__file__).parent
 DEADLINE_S = 120.0  # about 10 s idle, 40 s on a loaded 2-core machine (two Keras imports)
 
-pytestmark = pytest.mark.skipif(BACKEND != "torch", reason="runs in the KERAS_BACKEND=torch run")
+pytestmark = [pytest.mark.skipif(BACKEND != "torch", reason="runs in the KERAS_BACKEND=torch run"),
+              pytest.mark.xdist_group("processes")]  # starts processes: one such test at a time under xdist
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ from torch import nn
 
 import normkit_torch as nkt
 
+pytestmark = pytest.mark.xdist_group("processes")  # starts processes: one such test at a time under xdist
+
 SIZES = (4, 6, 2)  # uneven micro-batches: an equal-weight average of their statistics would be wrong
 
 # (normkit module, torch.nn reference, input shape without the batch)

@@ -15,6 +15,8 @@ import torch
 
 import normkit_torch as nkt
 
+pytestmark = pytest.mark.xdist_group("processes")  # starts processes: one such test at a time under xdist
+
 F64 = torch.float64
 # float64 data reduced in float64: per-chunk two-pass sums of 2000 values and 10 Chan merges err by a few
 # hundred eps relative to values whose spread is 1e-4 of their size (offset 1e4, std 1): 1e-12 is a 10x margin

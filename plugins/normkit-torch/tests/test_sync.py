@@ -28,6 +28,8 @@ import normkit_torch as nkt
 import sync_worker as sw
 from normkit_torch.testing import run_gloo_workers
 
+pytestmark = pytest.mark.xdist_group("processes")  # starts processes: one such test at a time under xdist
+
 TIGHT = dict(rtol=1e-10, atol=1e-12)
 F64 = torch.float64
 DEADLINE_S = 90.0  # seconds for both workers to run every case; about 5 s idle, 20 s on a loaded 2-core machine

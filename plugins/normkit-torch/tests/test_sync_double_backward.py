@@ -17,6 +17,8 @@ from torch import nn
 import normkit_torch as nkt
 import sync_worker as sw
 
+pytestmark = pytest.mark.xdist_group("processes")  # starts processes: one such test at a time under xdist
+
 F64 = torch.float64
 TIGHT = dict(rtol=1e-10, atol=1e-12)
 

@@ -593,6 +593,7 @@ WORKER = Path(__file__).with_name("recalibrate_worker.py")
 DEADLINE_S = 120.0  # a bound, not a wait: the launcher returns as both ranks exit (20 s timed out when loaded)
 
 
+@pytest.mark.xdist_group("processes")  # starts processes: one such test at a time under xdist
 def test_recalibrate_across_two_gloo_processes(tmp_path):
     """Two ranks with uneven batches each end with the statistics of the union of their batches."""
     import recalibrate_worker as rw
