@@ -303,15 +303,6 @@ def module_error_differences(info: Any, dtype: torch.dtype) -> list[str]:
     return found
 
 
-@pytest.fixture(params=POLICIES)
-def policy(request):
-    previous = nkt.set_kernel_policy(request.param)
-    try:
-        yield request.param
-    finally:
-        nkt.set_kernel_policy(previous)
-
-
 def assert_only_known(found: list[str], policy: str, prefixes: tuple[str, ...]) -> None:
     """No difference but the KNOWN ones of this policy and entry, and each of those still occurs."""
     known = [line for (p, line) in KNOWN if p == policy and line.startswith(prefixes)]
