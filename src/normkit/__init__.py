@@ -19,7 +19,7 @@ from normkit.plugin.spec import hookimpl
 from normkit._namespace import warm_up as _warm_up
 
 _warm_up()
-__version__ = "0.2.0.dev0"
+__version__ = "0.3.0"
 
 __all__ = [
     "batch_norm",

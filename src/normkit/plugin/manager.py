@@ -169,11 +169,18 @@ def frameworks() -> dict[str, str]:
     return merged
 
 
+# framework name -> the first-party distribution that provides it (named when it is missing)
+_FIRST_PARTY = {"torch": "normkit-torch", "keras": "normkit-keras", "flax": "normkit-flax"}
+
+
 def framework(name: str) -> ModuleType:
     """Import and return the layers module of framework ``name`` (e.g. ``"torch"``)."""
     known = frameworks()
     if name not in known:
-        raise LookupError(f"no normkit plugin provides framework {name!r}; installed: {sorted(known)}")
+        wanted = _FIRST_PARTY.get(name)
+        hint = (f"install the distribution {wanted!r} (pip install {wanted})" if wanted else
+                f"install a distribution whose entry point (group {spec.PROJECT!r}) registers {name!r}")
+        raise LookupError(f"no normkit plugin provides framework {name!r}; installed: {sorted(known)}; {hint}")
     return importlib.import_module(known[name])
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 _NAMES = {
     "BatchNorm": "normkit_flax._layers",

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from normkit_keras._registration import register_with_keras
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 _LAYERS = {
     "BatchNormalization": "normkit_keras._batch_normalization",
