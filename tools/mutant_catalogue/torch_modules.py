@@ -34,7 +34,7 @@ MUTANTS = [
         "torch-core-functionalize-unsynced", "under core the running buffers are copied from functionalize's wrapper "
         "(not synced and unwrapped): InstanceNorm with running statistics raises an INTERNAL ASSERT under "
         "torch.func.functionalize in training",
-        _FN, "        elif torch._is_functional_tensor(t):", "        elif False:",
+        _FN, "    while torch._is_functional_tensor(t):", "    while False:",
         (_FUNC + ("functionalize and core and Instance",),)),
     Mutant(  # noqa: F821
         "torch-core-mixed-dtypes", "under core a module left in float64 given float32 input (or the reverse) computes "

@@ -176,21 +176,16 @@ def _core_or_torch(core: Callable[[], Any], torch_call: Callable[[], Any]) -> An
 
 
 def _buffer_value(t: Tensor) -> Tensor:
-    """``t`` as the value a running buffer takes in place: detached, and without torch.func's wrappers (grad,
-    jacrev, jvp; functionalize's, synced first). A vmap-batched value stays wrapped: its copy raises, as torch.nn's
-    update does."""
+    """``t`` as the value a running buffer takes in place: detached, and without functionalize's wrapper (synced
+    first). grad/jacrev/jvp wrappers need no unwrapping: the copy runs with torch.func switched off
+    (``_buffer_writes``). A vmap-batched value stays wrapped: its copy raises, as torch.nn's update does."""
     t = t.detach()
     if is_compiling():
         return t
-    functorch = torch._C._functorch
-    while True:
-        if functorch.is_functorch_wrapped_tensor(t) and not functorch.is_batchedtensor(t):
-            t = functorch.get_unwrapped(t)
-        elif torch._is_functional_tensor(t):
-            torch._sync(t)
-            t = torch._from_functional_tensor(t)
-        else:
-            return t
+    while torch._is_functional_tensor(t):
+        torch._sync(t)
+        t = torch._from_functional_tensor(t)
+    return t
 
 
 class _OutsideTransforms:
