@@ -8,9 +8,12 @@ input) and the squares are summed by BLAS dots. Same algorithm as ``_moments.cen
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # only for the annotation: _moments imports this module
+    from normkit._moments import Centered
 
 __all__ = ["applies", "centered_moments", "fit_moments", "nan_min_max", "min_max_in_place", "scale_shift_in_place"]
 
@@ -39,7 +42,6 @@ def centered_moments(xc: Any, f: int, count: int) -> Centered:
     c = int(xc.shape[f])
     x3 = np.reshape(xc, (outer, c, -1))
     run = x3.shape[2]
-    axes = (0,) if run == 1 else (0, 2)  # one axis where it can: numpy's multi-axis reduce is slower
     # the first mean, accurate to float32 rounding: numpy sums a contiguous run pairwise (accurate)
     # but accumulates across rows naively, so the rows are summed in float64
     first = (_row_sum(x3, run) / count).astype(xc.dtype, copy=False)
