@@ -56,7 +56,8 @@ def fold_keras(layer: keras.layers.Layer, v: dict, input_shape: tuple) -> keras.
     return out
 
 
-def test_conv2d_folds_the_same(float64):
+@pytest.mark.usefixtures("float64")
+def test_conv2d_folds_the_same():
     rng = np.random.default_rng(0)
     w = rng.normal(size=(6, 4, 3, 3))  # torch layout
     b = rng.normal(size=6)
@@ -74,7 +75,8 @@ def test_conv2d_folds_the_same(float64):
     np.testing.assert_allclose(fk.bias.numpy(), ft.bias.detach().numpy(), **TOL)
 
 
-def test_depthwise_folds_the_same(float64):
+@pytest.mark.usefixtures("float64")
+def test_depthwise_folds_the_same():
     rng = np.random.default_rng(2)
     cin, m = 3, 2
     w = rng.normal(size=(cin * m, 1, 3, 3))
@@ -90,7 +92,8 @@ def test_depthwise_folds_the_same(float64):
     np.testing.assert_allclose(fk.bias.numpy(), ft.bias.detach().numpy(), **TOL)
 
 
-def test_dense_folds_the_same(float64):
+@pytest.mark.usefixtures("float64")
+def test_dense_folds_the_same():
     rng = np.random.default_rng(4)
     w, b = rng.normal(size=(5, 7)), rng.normal(size=5)
     v = bn_values(5, 5)

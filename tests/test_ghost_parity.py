@@ -31,7 +31,8 @@ def nhwc(a: np.ndarray) -> np.ndarray:
     return np.moveaxis(a, 1, -1)
 
 
-def test_torch_and_keras_ghost_batch_norm_agree(float64):
+@pytest.mark.usefixtures("float64")
+def test_torch_and_keras_ghost_batch_norm_agree():
     n, c, h, w, v, k_momentum, eps = 6, 3, 4, 5, 2, 0.7, 1e-3
     rng = np.random.default_rng(0)
     gamma, beta = rng.uniform(0.5, 2.0, c), rng.standard_normal(c)

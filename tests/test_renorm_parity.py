@@ -44,7 +44,8 @@ def channels_last(a: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_batch_renorm_equals_keras_renorm(case, float64):
+@pytest.mark.usefixtures("float64")
+def test_batch_renorm_equals_keras_renorm(case):
     spec = CASES[case]
     c, eps, k_momentum, k_renorm_momentum = spec["shape"][-1], 1e-3, 0.9, 0.7
     rng = np.random.default_rng(0)
