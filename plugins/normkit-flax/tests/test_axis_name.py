@@ -1,7 +1,6 @@
 """Statistics under axis_name: the exact count-weighted merge of the shards (masks = uneven shards), where
 Flax's lax.pmean of per-shard means weights every shard equally."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

@@ -69,7 +69,9 @@ def test_signature_variables_and_modes_are_flaxs(name):
     ours, twin = pair(name)
     assert isinstance(ours, type(twin))
     assert inspect.signature(type(ours).__init__) == inspect.signature(type(twin).__init__)
-    params = lambda f: [(p.name, p.kind, p.default) for p in inspect.signature(f).parameters.values()]
+    def params(f):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(f).parameters.values()]
+
     assert params(type(ours).__call__) == params(type(twin).__call__)
     s_ours, s_twin = nnx.state(ours), nnx.state(twin)
     assert jax.tree.structure(s_ours) == jax.tree.structure(s_twin)

@@ -70,7 +70,9 @@ class BatchNorm(nnx.BatchNorm):
         view = _stats.View(tuple(x.shape), tuple(i for i in range(x.ndim) if i not in feature_axes))
         x, mean, var, scale, bias = self.promote_dtype(
             (x, self.mean[...], self.var[...], _value(self.scale), _value(self.bias)), dtype=self.dtype)
-        flat = (lambda a: None if a is None else jnp.reshape(a, (-1,)))
+        def flat(a):
+            return None if a is None else jnp.reshape(a, (-1,))
+
         x2, mean, var, scale, bias = view.flat(x), flat(mean), flat(var), flat(scale), flat(bias)
         if use_running_average:
             return view.unflat(normkit.normalize(x2, mean, var, scale, bias, eps=self.epsilon, axis=view.feature))

@@ -235,7 +235,9 @@ def freeze(model: nnx.Module) -> nnx.Module:
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"freeze expects a flax.nnx.Module, got {type(model).__name__}")
-    change = (lambda m: _frozen(m) if isinstance(m, nnx.BatchNorm) and not isinstance(m, FrozenBatchNorm) else None)
+    def change(m):
+        return _frozen(m) if isinstance(m, nnx.BatchNorm) and not isinstance(m, FrozenBatchNorm) else None
+
     top = change(model)
     if top is not None:
         return top
