@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 x = (np.random.default_rng(0).standard_normal((8, 6, 4)) * 2 + 0.5).astype("float32")
 if mode == "save":
     import keras
+
     import normkit_keras as nk
 
     st, mm = nk.Standardize(), nk.MinMaxScale(invert=True)

@@ -1,20 +1,25 @@
 """Run by test_synchronized.py in a subprocess: synchronized=True across two replicas of a MirroredStrategy on CPU."""
 
-import os, sys
+import os
+
 os.environ["KERAS_BACKEND"] = "tensorflow"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-import numpy as np
-import tensorflow as tf
+import numpy as np  # noqa: E402  (after KERAS_BACKEND is set)
+import tensorflow as tf  # noqa: E402
+
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import keras
-import normkit_keras as nk
+import keras  # noqa: E402  (after the two logical CPUs are configured)
+
+import normkit_keras as nk  # noqa: E402
+
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 x = (np.random.default_rng(0).standard_normal((8, 3)) * 2 + 0.5).astype("float32")
 with strategy.scope():
     ours = nk.BatchNormalization(synchronized=True, momentum=0.5)
     native = keras.layers.BatchNormalization(synchronized=True, momentum=0.5)
-    ours.build((None, 3)); native.build((None, 3))
+    ours.build((None, 3))
+    native.build((None, 3))
 ds = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices(x).batch(8))
 batch = next(iter(ds))
 @tf.function
@@ -32,7 +37,7 @@ print("OK", strategy.num_replicas_in_sync)
 
 # float64, an uneven global batch of 7 (the replicas get 4 and 3), two training steps: outputs, input and
 # weight gradients and moving statistics equal one replica on the whole batch (float64 NumPy reference)
-from normkit.testing import reference
+from normkit.testing import reference  # noqa: E402
 
 keras.config.set_floatx("float64")
 rng = np.random.default_rng(1)

@@ -193,9 +193,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
+    import keras
     import torch.distributed as dist
 
-    import keras
     import normkit_keras as nk
 
     keras.config.set_floatx("float64")

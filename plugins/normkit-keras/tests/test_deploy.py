@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import normkit_keras as nk
-
 from conftest import BACKEND, f32_tol
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 
 import normkit_keras as nk
-from normkit.testing import reference
-
 from conftest import f32_tol
+from normkit.testing import reference
 
 TIGHT = dict(rtol=1e-10, atol=1e-12)
 CASES = [  # (id, input shape, axis, virtual batch size)

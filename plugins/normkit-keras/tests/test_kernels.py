@@ -18,12 +18,11 @@ import pytest
 
 import normkit
 import normkit_keras as nk
+from conftest import BACKEND, f32_tol
 from normkit.plugin.kernels import use_policy
 from normkit.testing import reference
 from normkit_keras import _kernels, _plugin
 from normkit_keras._backend import backend_namespace
-
-from conftest import BACKEND, f32_tol
 
 assert BACKEND == "tensorflow", "conftest collects this module in the TensorFlow run only"
 TF = True

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 
 import normkit_keras as nk
+from conftest import BACKEND, POLICIES, f32_tol
 from normkit.plugin.kernels import use_policy
 from normkit.testing import reference
 from normkit_keras.testing import gradients
-
-from conftest import BACKEND, POLICIES, f32_tol
 
 F32 = dict(rtol=1e-4, atol=1e-5)  # two float32 implementations of the same math
 

@@ -25,10 +25,10 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import f32_tol
-from normkit.testing import reference
 
 import normkit_keras as nk
+from conftest import f32_tol
+from normkit.testing import reference
 from normkit_keras.testing import gradients
 
 pytestmark = pytest.mark.xdist_group("processes")  # starts processes: one such test at a time under xdist

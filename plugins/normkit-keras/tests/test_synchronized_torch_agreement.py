@@ -14,6 +14,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+
 from normkit.testing import reference
 
 BACKEND = keras.backend.backend()

@@ -102,28 +102,28 @@ def accumulate_statistics(model: Any) -> Iterator[Any]:
         raise TypeError(f"accumulate_statistics expects a keras.Model or keras Layer, got {type(model).__name__}")
     from normkit_keras._batch_normalization import BatchNormalization
 
-    bns = [l for l in model._flatten_layers(include_self=True, recursive=True)
-           if isinstance(l, keras.layers.BatchNormalization)]
-    foreign = [f"{l.name} ({type(l).__module__}.{type(l).__name__}{', renorm=True' if l.renorm else ''})"
-               for l in bns if not isinstance(l, BatchNormalization) or l.renorm]
+    bns = [layer for layer in model._flatten_layers(include_self=True, recursive=True)
+           if isinstance(layer, keras.layers.BatchNormalization)]
+    foreign = [f"{bn.name} ({type(bn).__module__}.{type(bn).__name__}{', renorm=True' if bn.renorm else ''})"
+               for bn in bns if not isinstance(bn, BatchNormalization) or bn.renorm]
     if foreign:
         raise TypeError("accumulate_statistics needs normkit_keras.BatchNormalization layers without renorm "
                         f"(normkit_keras.convert(model) first); got {', '.join(foreign)}")
     with _LOCK:
-        busy = [l.name for l in bns if id(l) in _RECORDS]
+        busy = [bn.name for bn in bns if id(bn) in _RECORDS]
         if busy:
             raise RuntimeError(f"accumulate_statistics is already active on {', '.join(busy)}: it does not nest")
-        for l in bns:
-            _RECORDS[id(l)] = []
+        for bn in bns:
+            _RECORDS[id(bn)] = []
     try:
         yield model
     except BaseException:
         with _LOCK:
-            for l in bns:
-                _RECORDS.pop(id(l), None)
+            for bn in bns:
+                _RECORDS.pop(id(bn), None)
         raise
     with _LOCK:
-        recorded = [(l, _RECORDS.pop(id(l))) for l in bns]
+        recorded = [(bn, _RECORDS.pop(id(bn))) for bn in bns]
     for layer, records in recorded:
         if records:
             _fold(layer, records)

@@ -190,7 +190,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
         r = stddev / xp.maximum(renorm_stddev, floor)
         d = (mean - renorm_mean) / xp.maximum(renorm_stddev, floor)
         clipping = self.renorm_clipping or {}
-        bound = (lambda v: xp.asarray(float(v), dtype=stddev.dtype))
+        def bound(v):
+            return xp.asarray(float(v), dtype=stddev.dtype)
+
         if clipping.get("rmin") is not None:
             r = xp.maximum(r, bound(clipping["rmin"]))
         if clipping.get("rmax") is not None:

@@ -195,7 +195,7 @@ def _fold_model(model: Any, path: str, unfolded: list[tuple[str, str]]) -> Any:
         inputs = []
         if isinstance(head, keras.layers.InputLayer):
             inputs = [keras.Input(batch_shape=head.batch_shape, dtype=head.dtype, name=head.name)]
-        new_model = keras.Sequential(inputs + [clone(l) for l in model.layers if id(l) not in pairs],
+        new_model = keras.Sequential(inputs + [clone(layer) for layer in model.layers if id(layer) not in pairs],
                                      name=model.name, trainable=model.trainable)
     else:
         new_model = keras.models.clone_model(model, clone_function=clone, call_function=call)

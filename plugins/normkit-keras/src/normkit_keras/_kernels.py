@@ -222,7 +222,9 @@ def layer_norm(x: Any, weight: Any, bias: Any, *, axis: tuple[int, ...], eps: fl
     for s in pshape:
         d *= int(s)
     gamma, beta = _tensor(tf, weight, pshape, "weight"), _tensor(tf, bias, pshape, "bias")
-    flat = (lambda p: None if p is None else tf.reshape(p, [d]))
+    def flat(p):
+        return None if p is None else tf.reshape(p, [d])
+
     y2 = _layer_norm_rows(tf, tf.reshape(x, [-1, d]), flat(gamma), flat(beta), eps)
     return tf.reshape(y2, tf.shape(x))
 

@@ -196,8 +196,8 @@ def recalibrate(
         raise TypeError("recalibrate: data must be an array or an iterable of batches (a list, a tf.data.Dataset, "
                         f"a generator, a PyDataset), got {type(data).__name__}")
     classes = batch_norm_classes()
-    bns = [l for l in model._flatten_layers(include_self=False, recursive=True) if isinstance(l, classes)]
-    unbuilt = [l.name for l in bns if not l.built]
+    bns = [layer for layer in model._flatten_layers(include_self=False, recursive=True) if isinstance(layer, classes)]
+    unbuilt = [bn.name for bn in bns if not bn.built]
     if unbuilt:
         raise ValueError(f"recalibrate: build the model first (call it once); unbuilt: {', '.join(unbuilt)}")
     inputs = _batches(data, steps, batch_size)
@@ -205,7 +205,7 @@ def recalibrate(
         raise ValueError("recalibrate got no batch: data must yield at least one model input "
                          f"(got an empty {type(data).__name__}); no moving statistics were changed")
     order, calls = _call_order(model, bns, inputs[0])
-    missed = [l.name for l in bns if id(l) not in calls]
+    missed = [bn.name for bn in bns if id(bn) not in calls]
     if missed:
         warnings.warn(f"recalibrate: the forward pass never calls {', '.join(missed)}; their statistics are unchanged",
                       stacklevel=2)
