@@ -214,9 +214,9 @@ def part_functional(rounds: int, quick: bool) -> list[dict]:
 def part_accuracy(rounds: int, quick: bool) -> list[dict]:
     """Max |error| against float64 NumPy of each kernel on float32 data at mean 1e4, std 1 (not timed)."""
     import jax.numpy as jnp
+    import keras
     import numpy as np
     import tensorflow as tf
-    import keras
 
     import normkit
     from normkit.plugin.kernels import use_policy

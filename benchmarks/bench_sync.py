@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 SHAPES = [  # per-rank batch (N, C, H, W)
     ("conv 16x64x28x28", (16, 64, 28, 28)),
@@ -98,6 +98,7 @@ def _modules(c: int, dtype: Any) -> dict[str, Any]:
 def _timing(rank: int, rounds: int) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
+
     from normkit_torch import testing
 
     out: dict[str, Any] = {}
@@ -176,6 +177,7 @@ def _accuracy(rank: int) -> dict[str, Any]:
 def worker(rank: int, port: int, out: str, rounds: int) -> None:
     import torch
     import torch.distributed as dist
+
     from normkit_torch import testing
 
     torch.set_num_threads(1)

@@ -172,10 +172,10 @@ def part_modules(rounds: int, quick: bool) -> list[dict]:
 
 
 def part_functional(rounds: int, quick: bool) -> list[dict]:
-    import normkit
     import torch
     import torch.nn.functional as F
 
+    import normkit
     import normkit_torch
 
     torch.set_num_threads(1)

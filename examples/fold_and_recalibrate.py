@@ -19,8 +19,6 @@ import statistics
 import time
 import warnings
 
-import numpy as np
-
 import _common
 
 SHIFT = (0.4, 0.5)  # deployment images: scale, offset
