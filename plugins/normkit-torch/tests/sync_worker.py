@@ -122,8 +122,9 @@ def run_layer_case(case: dict[str, Any], rank: int, seed: int, dtype: torch.dtyp
 
 def run_ddp(rank: int) -> dict[str, Any]:
     """The user's path: a torch model, torch's convert_sync_batchnorm, normkit_torch.convert, DDP, SGD."""
-    import normkit_torch as nkt
     from torch.nn.parallel import DistributedDataParallel
+
+    import normkit_torch as nkt
 
     net = nkt.convert(nn.SyncBatchNorm.convert_sync_batchnorm(make_net(nn.BatchNorm2d)))
     kinds = sorted({type(m).__name__ for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)})
@@ -231,7 +232,6 @@ def _short_timeout_group() -> Any:
 def run_divergence(rank: int) -> dict[str, Any]:
     """What no collective can see: rank 0 trains while rank 1 is in eval; rank 1 skips a backward. Rank 0 waits the
     group's timeout, then a clear error."""
-    import torch.distributed as dist
 
     import normkit_torch as nkt
 

@@ -7,10 +7,10 @@ import copy
 
 import pytest
 import torch
-from conftest import F64, data, randomize
 from torch import nn
 
 import normkit_torch as nkt
+from conftest import F64, data, randomize
 
 pytestmark = pytest.mark.xdist_group("processes")  # starts processes: one such test at a time under xdist
 

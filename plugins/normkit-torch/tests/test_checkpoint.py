@@ -8,11 +8,11 @@ import copy
 
 import pytest
 import torch
-from conftest import F64, data, randomize
 from torch import nn
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 import normkit_torch as nkt
+from conftest import F64, data, randomize
 
 
 def _net(sync: bool = False) -> nn.Module:

@@ -7,10 +7,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import F64, assert_state_equal, data, randomize
 from torch import nn
 
 import normkit_torch as nkt
+from conftest import F64, assert_state_equal, data, randomize
 
 TIGHT = dict(rtol=1e-10, atol=1e-12)
 

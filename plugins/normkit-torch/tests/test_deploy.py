@@ -23,11 +23,11 @@ import warnings
 
 import pytest
 import torch
-from conftest import F64, assert_state_equal, data, randomize
 from torch import nn
 
 import normkit_torch as nkt
 import normkit_torch.functional as NF
+from conftest import F64, assert_state_equal, data, randomize
 
 pytestmark = pytest.mark.filterwarnings(  # torch 2.13 deprecates both; users still take these paths
     "ignore:`torch.jit:DeprecationWarning", "ignore:torch.ao.quantization is deprecated:DeprecationWarning"

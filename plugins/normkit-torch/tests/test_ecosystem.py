@@ -12,11 +12,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: every mod
 
 import pytest
 import torch
-import torchvision_standin
-from conftest import F64
 from torch import nn
 
 import normkit_torch as nkt
+import torchvision_standin
+from conftest import F64
 from normkit_torch._conversions import Float32RMSNorm, LayerNorm2d, TimmBatchNormAct2d, looks_like_norm
 
 STANDIN = torchvision_standin.install()  # timm imports torchvision; its wheel here does not load on CPU torch

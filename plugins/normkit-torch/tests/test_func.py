@@ -16,11 +16,11 @@ from typing import Any, Callable
 
 import pytest
 import torch
-from conftest import F64, data, make_pair, pair_id
 from torch import nn
 from torch.func import functional_call, functionalize, grad, jacrev, jvp, vmap
 
 import normkit_torch as nkt
+from conftest import F64, data, make_pair, pair_id
 
 TIGHT = dict(rtol=1e-10, atol=1e-12)
 TRANSFORMS = ("functional_call", "grad", "jacrev", "jvp", "vmap", "functionalize")

@@ -16,11 +16,11 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import F64, data, randomize
-from normkit.testing import reference
 from torch import nn
 
 import normkit_torch as nkt
+from conftest import F64, data, randomize
+from normkit.testing import reference
 
 TIGHT = dict(rtol=1e-10, atol=1e-12)
 CASES = [  # (class, kwargs, input shape, virtual batch size)

@@ -20,19 +20,19 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import normkit
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+import normkit
+import normkit_torch as nkt
+import normkit_torch.functional as NF
 from conftest import F64, randomize
 from normkit.plugin import kernels
 from normkit.plugin.manager import kernel as hook_kernel
 from normkit.testing import reference
-from torch import nn
-
-import normkit_torch as nkt
-import normkit_torch.functional as NF
 from normkit_torch import _functional, _kernels, _plugin
 
 OPS = ("batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm")

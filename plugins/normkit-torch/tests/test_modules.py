@@ -12,10 +12,10 @@ from typing import Optional
 
 import pytest
 import torch
-from conftest import F64, PAIRS, assert_state_equal, data, make_pair, pair_id
 from torch import nn
 
 import normkit_torch as nkt
+from conftest import F64, PAIRS, assert_state_equal, data, make_pair, pair_id
 from normkit_torch._convert import TO_NORMKIT
 
 TIGHT = dict(rtol=1e-10, atol=1e-12)

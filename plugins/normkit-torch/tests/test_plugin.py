@@ -6,9 +6,8 @@ import subprocess
 import sys
 from importlib.metadata import entry_points
 
-from normkit.plugin.manager import framework, frameworks, plugin_manager
-
 import normkit_torch
+from normkit.plugin.manager import framework, frameworks, plugin_manager
 
 
 def test_entry_point_is_registered():

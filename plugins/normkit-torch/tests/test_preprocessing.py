@@ -6,10 +6,10 @@ import io
 
 import pytest
 import torch
-from conftest import F64, data
 from torch.utils.data import DataLoader, TensorDataset
 
 import normkit_torch as nkt
+from conftest import F64, data
 
 TIGHT = dict(rtol=1e-12, atol=1e-12)
 

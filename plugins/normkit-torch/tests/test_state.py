@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import PAIRS, data, pair_id, randomize
 from torch import nn
 
 import normkit_torch as nkt
+from conftest import PAIRS, data, pair_id, randomize
 from normkit import NormState
 
 KIND = {"BatchNorm": "batch", "InstanceNorm": "instance", "LayerNorm": "layer", "GroupNorm": "group", "RMSNorm": "rms"}

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from normkit.testing import reference
 from torch import nn
 
 import normkit_torch as nkt
 import sync_worker as sw
+from normkit.testing import reference
 from normkit_torch.testing import run_gloo_workers
 
 pytestmark = pytest.mark.xdist_group("processes")  # starts processes: one such test at a time under xdist

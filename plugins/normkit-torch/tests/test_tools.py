@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from normkit.testing import reference
 from torch import nn
 
 import normkit_torch as nkt
+from normkit.testing import reference
 from normkit_torch import UnfoldedBatchNormWarning
 
 F64 = torch.float64

@@ -22,11 +22,11 @@ from typing import Any, Callable, Optional
 
 import pytest
 import torch
-from conftest import POLICIES, randomize
 from torch import nn
 
 import normkit_torch as nkt
 import normkit_torch.functional as NF
+from conftest import POLICIES, randomize
 from normkit_torch._convert import TO_NORMKIT
 
 

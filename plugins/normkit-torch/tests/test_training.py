@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from conftest import F64, assert_state_equal
 from torch import nn
 
 import normkit_torch as nkt
+from conftest import F64, assert_state_equal
 
 
 def conv_net(lib) -> nn.Module:

@@ -20,11 +20,12 @@ import contextlib
 import threading
 from typing import Iterator, Optional, Union
 
-import normkit
 import torch
-from normkit import Moments
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+import normkit
+from normkit import Moments
 
 __all__ = ["accumulate_statistics", "skip_running_update", "scratch_copies", "recomputing"]
 

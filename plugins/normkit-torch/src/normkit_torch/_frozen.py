@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Optional
 
-import normkit
 import torch
 from array_api_compat import torch as xp
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+import normkit
 from normkit_torch import _deploy
 
 __all__ = [

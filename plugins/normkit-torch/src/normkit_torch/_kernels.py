@@ -25,8 +25,9 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from normkit import BatchNormResult
 from torch import Tensor
+
+from normkit import BatchNormResult
 
 __all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"]
 

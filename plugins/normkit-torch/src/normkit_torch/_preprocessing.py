@@ -23,9 +23,9 @@ from typing import Any, Iterable, Union
 
 import numpy as np
 import torch
-from normkit import Moments
 from torch import Tensor, nn
 
+from normkit import Moments
 from normkit_torch import _deploy, _functional
 
 __all__ = ["Standardize", "MinMaxScale"]

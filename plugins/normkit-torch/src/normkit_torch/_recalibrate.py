@@ -22,12 +22,12 @@ import sys
 import warnings
 from typing import Any, Callable, Iterable, Optional
 
-import normkit
 import torch
 from array_api_compat import torch as xp
-from normkit import Moments
 from torch import Tensor, nn
 
+import normkit
+from normkit import Moments
 from normkit_torch._frozen import is_batch_norm
 
 __all__ = ["recalibrate"]

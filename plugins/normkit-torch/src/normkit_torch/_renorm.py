@@ -22,13 +22,13 @@ import math
 import numbers
 from typing import TYPE_CHECKING, Any, Optional
 
-import normkit
 import torch
 from array_api_compat import torch as xp
-from normkit import Moments
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+import normkit
+from normkit import Moments
 from normkit_torch import _deploy
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]

@@ -26,14 +26,14 @@ from __future__ import annotations
 import inspect
 from typing import Any, Optional
 
-import normkit
 import torch
-from normkit import Moments
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normkit_torch._accumulate import skip_running_update
+import normkit
+from normkit import Moments
 from normkit_torch import _deploy
+from normkit_torch._accumulate import skip_running_update
 from normkit_torch.distributed import agreed_moments, is_synchronized, local_moments, signature
 
 __all__ = ["SyncBatchNorm"]

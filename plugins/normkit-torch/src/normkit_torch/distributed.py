@@ -27,11 +27,12 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import normkit
 import torch
 import torch.distributed as dist
-from normkit import Moments
 from torch import Tensor
+
+import normkit
+from normkit import Moments
 
 __all__ = ["is_synchronized", "local_moments", "all_gather_moments", "all_reduce_sums", "merge_rows", "agreed_moments",
            "SyncMismatchError", "SyncTimeoutError", "SIGNATURE_FIELDS"]

@@ -14,11 +14,11 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from normkit.testing import reference
-from normkit.testing.conformance import LayerCase
 from torch import nn
 
 import normkit_torch as nkt
+from normkit.testing import reference
+from normkit.testing.conformance import LayerCase
 from normkit_torch._convert import constructor_kwargs
 
 __all__ = ["TorchHarness", "CountCollectives", "end_process_group", "run_gloo_workers"]
