@@ -7,10 +7,10 @@ import pickle
 
 import pytest
 import torch
-from conftest import F64, assert_state_equal, data, randomize
 from torch import nn
 
 import normkit_torch as nkt
+from conftest import F64, assert_state_equal, data, randomize
 from normkit_torch._convert import TO_NORMKIT, TO_TORCH
 
 
