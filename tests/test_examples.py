@@ -84,15 +84,22 @@ def test_every_library(tmp_path):
 
 def test_lr_sweep(tmp_path):
     r = run("lr_sweep", tmp_path)
-    assert r["lrs"] == [0.01, 0.1, 0.5, 1.0]
-    for key in ("bn", "plain"):
-        for lr in r["lrs"]:
-            assert 0.0 <= r[key][lr]["test_acc"] <= 1.0
-            assert len(r[key][lr]["loss"]) == r["epochs"]
-    # two epochs: batch norm is ahead at the small learning rates and has the best accuracy overall
-    assert r["bn"][0.01]["test_acc"] > r["plain"][0.01]["test_acc"] + 0.2
-    assert r["bn"][0.1]["test_acc"] > r["plain"][0.1]["test_acc"]
-    assert max(v["test_acc"] for v in r["bn"].values()) >= max(v["test_acc"] for v in r["plain"].values())
+    assert r["lrs"] == [0.01, 0.1, 1.0] and r["epochs"] == 2
+    for net in ("mlp", "cnn"):
+        for key in ("bn", "plain"):
+            for lr in r["lrs"]:
+                assert 0.0 <= r[net][key][lr]["test_acc"] <= 1.0
+                assert len(r[net][key][lr]["loss"]) == r["epochs"]
+    # the deep MLP: with BatchNorm1d it trains at the high learning rates, without it stays at chance
+    mlp = r["mlp"]
+    high = [lr for lr in r["lrs"] if lr >= 0.1]
+    assert any(mlp["bn"][lr]["test_acc"] > 0.8 and mlp["plain"][lr]["test_acc"] < 0.2 for lr in high), mlp
+    assert all(mlp["plain"][lr]["test_acc"] < 0.2 for lr in r["lrs"])  # at no learning rate without BN
+    assert mlp["trains_at"]["plain"] == [] and set(mlp["trains_at"]["bn"]) & set(high)
+    # the shallow CNN (the contrast): it trains without BN too; two epochs: BN is ahead at the small learning rates
+    cnn = r["cnn"]
+    assert cnn["bn"][0.01]["test_acc"] > cnn["plain"][0.01]["test_acc"] + 0.2
+    assert cnn["bn"][0.1]["test_acc"] > cnn["plain"][0.1]["test_acc"] > 0.2
 
 
 def test_keras_seed_models(tmp_path):
