@@ -27,14 +27,14 @@ import sys
 import threading
 from typing import Any, Callable, List, Optional, Sequence, Union
 
-import normkit
 import torch
 import torch.nn.functional as F
 from array_api_compat import torch as xp
-from normkit.plugin import kernels
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
+import normkit
+from normkit.plugin import kernels
 from normkit_torch._plugin import POLICY
 
 _is_scripting = torch.jit.is_scripting  # one lookup less per call; TorchScript treats it as the original
