@@ -24,11 +24,11 @@ import sys
 import textwrap
 import venv
 import zipfile
-from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -58,20 +58,34 @@ def _copy_tree(source: Path, target: Path) -> Path:
     return target
 
 
-@pytest.fixture(scope="module")
-def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """``{distribution: wheel}``, built with the main venv's setuptools, offline, from copies (the repo is never written)."""
-    base = tmp_path_factory.mktemp("wheels")
+def _build(base: Path) -> None:
     trees = [_copy_tree(source, base / "src" / name) for name, source in TREES.items()]
-    dist = base / "dist"
     done = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-         "-w", str(dist), *map(str, trees)],
+         "-w", str(base / "dist"), *map(str, trees)],
         capture_output=True, text=True, timeout=TIMEOUT,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    built = {canonicalize_name(p.name.split("-")[0]): p for p in dist.glob("*.whl")}
-    assert set(built) == OURS, sorted(p.name for p in dist.iterdir())
+    (base / "built").touch()
+
+
+@pytest.fixture(scope="session")
+def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``{distribution: wheel}``, built with the main venv's setuptools, offline, from copies (the repo is never written).
+
+    Built once per run: under pytest-xdist the first worker builds in the workers' shared temporary directory
+    while the others wait on a lock (this module's tests may land on either worker).
+    """
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    base = shared / "normkit-wheels"
+    with FileLock(str(shared / "normkit-wheels.lock"), timeout=2 * TIMEOUT):
+        if not (base / "built").exists():
+            shutil.rmtree(base, ignore_errors=True)
+            _build(base)
+    built = {canonicalize_name(p.name.split("-")[0]): p for p in (base / "dist").glob("*.whl")}
+    assert set(built) == OURS, sorted(p.name for p in (base / "dist").iterdir())
     return built
 
 
@@ -254,22 +268,10 @@ def _check(python: Path, script: str, env: dict[str, str], cwd: Path) -> subproc
                           capture_output=True, text=True, timeout=TIMEOUT)
 
 
-@pytest.fixture(scope="module")
-def runs(wheels: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
-    """Each case's venv built and its script run, two at a time (the machine's cores); ``{case: Future}``."""
-    base = tmp_path_factory.mktemp("venvs")
-
-    def case(name: str) -> subprocess.CompletedProcess[str]:
-        distributions, extra, env, body = CHECKS[name]
-        python = _venv(base / name, [wheels[d] for d in distributions], extra)
-        script = (PREAMBLE + textwrap.dedent(body)).format(version=VERSION)
-        return _check(python, script, env, base)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        yield {name: pool.submit(case, name) for name in CHECKS}
-
-
 @pytest.mark.parametrize("name", list(CHECKS))
-def test_fresh_venv(runs: dict[str, Future], name: str) -> None:
-    done = runs[name].result(timeout=4 * TIMEOUT)
+def test_fresh_venv(wheels: dict[str, Path], tmp_path: Path, name: str) -> None:
+    distributions, extra, env, body = CHECKS[name]
+    python = _venv(tmp_path / "venv", [wheels[d] for d in distributions], extra)
+    script = (PREAMBLE + textwrap.dedent(body)).format(version=VERSION)
+    done = _check(python, script, env, tmp_path)
     assert done.returncode == 0, f"{name}: rc {done.returncode}\n{done.stdout}\n{done.stderr[-4000:]}"
