@@ -142,7 +142,7 @@ def test_wheel_metadata(wheels: dict[str, Path], distribution: str) -> None:
 
 
 def test_changelog_names_this_version() -> None:
-    heading = re.search(r"^## (\S+)", (ROOT / "CHANGELOG.md").read_text(), flags=re.MULTILINE)
+    heading = re.search(r"^## \[?v?(\d[^\s\]]*)", (ROOT / "CHANGELOG.md").read_text(), flags=re.MULTILINE)
     assert heading is not None and heading.group(1) == VERSION
 
 
