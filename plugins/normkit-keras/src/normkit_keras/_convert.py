@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import copy
 import inspect
-import warnings
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator
 
 import keras
+
+from normkit._conversion import ConversionReport, UnconvertedNormWarning
 
 __all__ = ["convert", "ConversionReport", "UnconvertedNormWarning", "KERAS_HUB_RMS"]
 
@@ -35,18 +36,6 @@ KERAS_HUB_RMS = frozenset({
     "keras_hub.src.models.qwen_moe.qwen_moe_layernorm.QwenMoeLayerNorm",
     "keras_hub.src.models.gpt_oss.gpt_oss_layer_norm.GptOssLayerNormalization",
 })
-
-
-class UnconvertedNormWarning(UserWarning):
-    """``convert`` left layers that look like normalization layers as they were; each is named with its path."""
-
-
-class ConversionReport(NamedTuple):
-    """What ``convert(model, report=True)`` did: ``(path, class name, normkit class name)`` per converted layer,
-    ``(path, class name, reason)`` per normalization-like layer left as it was."""
-
-    converted: list[tuple[str, str, str]]
-    skipped: list[tuple[str, str, str]]
 
 
 def _twins() -> dict[type, type]:
@@ -152,10 +141,4 @@ def convert(model: Any, *, report: bool = False) -> Any:
         old = type(layer).__name__
         _swap(layer, target)
         summary.converted.append((name, old, f"normkit_keras.{target.__name__}"))
-    if report:
-        return out, summary
-    if summary.skipped:
-        listed = "; ".join(f"{path} ({cls}): {reason}" for path, cls, reason in summary.skipped)
-        warnings.warn(f"convert left {len(summary.skipped)} normalization layer(s) as they were: {listed}",
-                      UnconvertedNormWarning, stacklevel=2)
-    return out
+    return summary.finish(out, report=report)

@@ -12,10 +12,11 @@ its own), in place.
 
 from __future__ import annotations
 
-import warnings
-from typing import Any, NamedTuple, Union
+from typing import Any, Union
 
 from torch import nn
+
+from normkit._conversion import ConversionReport, UnconvertedNormWarning
 
 from normkit_torch import _batchnorm as bn
 from normkit_torch import _conversions
@@ -24,18 +25,6 @@ from normkit_torch import _normalization as norm
 from normkit_torch import _sync
 
 __all__ = ["convert", "to_torch", "constructor_kwargs", "ConversionReport", "UnconvertedNormWarning"]
-
-
-class UnconvertedNormWarning(UserWarning):
-    """``convert`` left normalization modules as they were (subclasses of torch.nn's): each is named with its path."""
-
-
-class ConversionReport(NamedTuple):
-    """What ``convert(model, report=True)`` did: ``(path, class name, normkit class name)`` per swapped module,
-    ``(path, class name, reason)`` per skipped one (a subclass of a torch.nn normalization class)."""
-
-    converted: list[tuple[str, str, str]]
-    skipped: list[tuple[str, str, str]]
 
 
 def _pairs() -> list[tuple[type, type]]:
@@ -253,13 +242,7 @@ def convert(module: nn.Module, *, subclasses: bool = False, report: bool = False
     """
     summary = ConversionReport([], [])
     out = _replace(module, TO_NORMKIT, {}, "", bool(subclasses), summary)
-    if report:
-        return out, summary
-    if summary.skipped:
-        listed = "; ".join(f"{path} ({cls}): {reason}" for path, cls, reason in summary.skipped)
-        warnings.warn(f"convert left {len(summary.skipped)} normalization module(s) as they were: {listed}",
-                      UnconvertedNormWarning, stacklevel=2)
-    return out
+    return summary.finish(out, report=report, noun="module")
 
 
 def to_torch(module: nn.Module) -> nn.Module:
