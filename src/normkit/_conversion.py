@@ -31,6 +31,9 @@ class ConversionReport(NamedTuple):
             return model, self
         if self.skipped:
             listed = "; ".join(f"{path} ({cls}): {reason}" for path, cls, reason in self.skipped)
-            warnings.warn(f"convert left {len(self.skipped)} normalization {noun}(s) as they were: {listed}",
-                          UnconvertedNormWarning, stacklevel=3)
+            warnings.warn(
+                f"convert left {len(self.skipped)} normalization {noun}(s) as they were: {listed}",
+                UnconvertedNormWarning,
+                stacklevel=3,
+            )
         return model

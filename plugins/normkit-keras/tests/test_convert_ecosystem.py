@@ -35,8 +35,13 @@ BACKEND = keras.backend.backend()
 # module-scoped models: the tests of one model run on one xdist worker, so each model is built once
 pytestmark = pytest.mark.xdist_group("keras_convert_ecosystem")
 
-KERAS_NORMS = (keras.layers.BatchNormalization, keras.layers.LayerNormalization, keras.layers.GroupNormalization,
-               keras.layers.RMSNormalization, keras.layers.UnitNormalization)
+KERAS_NORMS = (
+    keras.layers.BatchNormalization,
+    keras.layers.LayerNormalization,
+    keras.layers.GroupNormalization,
+    keras.layers.RMSNormalization,
+    keras.layers.UnitNormalization,
+)
 # float64 on both sides: outputs and weights differ only by the order of float64 sums (two-pass variance, fused
 # kernels) amplified by the network (measured <= 1e-11 relative); 1e-9 is far below float32 round-off (~1e-7,
 # what the jax/torch downcast gave) and a wrong formula's (>1e-3)
@@ -68,8 +73,9 @@ def _keras_float64():
 
 
 def _norms(model):
-    return [layer for layer in model._flatten_layers(include_self=False, recursive=True)
-            if isinstance(layer, KERAS_NORMS)]
+    return [
+        layer for layer in model._flatten_layers(include_self=False, recursive=True) if isinstance(layer, KERAS_NORMS)
+    ]
 
 
 def _is_normkit(layer) -> bool:
@@ -123,29 +129,46 @@ def _train(model, x, y, steps=3):
 
 
 def _mobilenet_v2(rng):
-    return keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, include_top=False), \
-        rng.normal(size=(8, 32, 32, 3))
+    return keras.applications.MobileNetV2(
+        input_shape=(32, 32, 3), alpha=0.35, weights=None, include_top=False
+    ), rng.normal(size=(8, 32, 32, 3))
 
 
 def _resnet50(rng):
-    return keras.applications.ResNet50(input_shape=(32, 32, 3), weights=None, classes=10), \
-        rng.normal(size=(8, 32, 32, 3))
+    return keras.applications.ResNet50(input_shape=(32, 32, 3), weights=None, classes=10), rng.normal(
+        size=(8, 32, 32, 3)
+    )
 
 
 def _hub_resnet(rng):
     model = keras_hub.models.ResNetBackbone(
-        input_conv_filters=[64], input_conv_kernel_sizes=[3], stackwise_num_filters=[64, 16],
-        stackwise_num_blocks=[1, 1], stackwise_num_strides=[1, 2], block_type="basic_block",
-        use_pre_activation=False, image_shape=(16, 16, 3))
+        input_conv_filters=[64],
+        input_conv_kernel_sizes=[3],
+        stackwise_num_filters=[64, 16],
+        stackwise_num_blocks=[1, 1],
+        stackwise_num_strides=[1, 2],
+        block_type="basic_block",
+        use_pre_activation=False,
+        image_shape=(16, 16, 3),
+    )
     return model, rng.normal(size=(4, 16, 16, 3))
 
 
 def _hub_bert(rng):
-    model = keras_hub.models.BertBackbone(vocabulary_size=40, num_layers=2, num_heads=2, hidden_dim=8,
-                                          intermediate_dim=16, max_sequence_length=8, dropout=0.0)
-    x = {"token_ids": rng.integers(0, 40, (3, 8)).astype("int32"),
-         "segment_ids": rng.integers(0, 2, (3, 8)).astype("int32"),
-         "padding_mask": np.ones((3, 8), "int32")}
+    model = keras_hub.models.BertBackbone(
+        vocabulary_size=40,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=8,
+        dropout=0.0,
+    )
+    x = {
+        "token_ids": rng.integers(0, 40, (3, 8)).astype("int32"),
+        "segment_ids": rng.integers(0, 2, (3, 8)).astype("int32"),
+        "padding_mask": np.ones((3, 8), "int32"),
+    }
     return model, x
 
 
@@ -177,16 +200,18 @@ def _subclassed(rng):
 
 
 def _sequential(rng):
-    model = keras.Sequential([
-        keras.Input((5, 6)),
-        keras.layers.Dense(8),
-        keras.layers.BatchNormalization(axis=-1, center=False),
-        keras.layers.LayerNormalization(axis=[1, 2], scale=False),
-        keras.layers.GroupNormalization(groups=2),
-        keras.layers.RMSNormalization(epsilon=1e-3),
-        keras.layers.UnitNormalization(axis=[1, 2]),
-        keras.layers.Dense(2),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((5, 6)),
+            keras.layers.Dense(8),
+            keras.layers.BatchNormalization(axis=-1, center=False),
+            keras.layers.LayerNormalization(axis=[1, 2], scale=False),
+            keras.layers.GroupNormalization(groups=2),
+            keras.layers.RMSNormalization(epsilon=1e-3),
+            keras.layers.UnitNormalization(axis=[1, 2]),
+            keras.layers.Dense(2),
+        ]
+    )
     return model, rng.normal(2.0, 3.0, size=(6, 5, 6))
 
 
@@ -205,8 +230,11 @@ BUILDERS = {
 # subclassed and Sequential models (all five normalization layers), MobileNetV2 and BERT on torch as well
 ON_TENSORFLOW_ONLY = {"resnet50"}
 NOT_ON_JAX = {"resnet50", "mobilenet_v2", "keras_hub_bert"}
-MODELS = [name for name in BUILDERS
-          if not (BACKEND != "tensorflow" and name in ON_TENSORFLOW_ONLY or BACKEND == "jax" and name in NOT_ON_JAX)]
+MODELS = [
+    name
+    for name in BUILDERS
+    if not (BACKEND != "tensorflow" and name in ON_TENSORFLOW_ONLY or BACKEND == "jax" and name in NOT_ON_JAX)
+]
 
 
 @pytest.fixture(scope="module")
@@ -224,8 +252,10 @@ def built():
                 with _keras_float64():
                     out = model(x, training=False)
                 y = (
-                    {k: rng.normal(size=tuple(v.shape)) for k, v in out.items()} if isinstance(out, dict)
-                    else rng.normal(size=tuple(out.shape)))
+                    {k: rng.normal(size=tuple(v.shape)) for k, v in out.items()}
+                    if isinstance(out, dict)
+                    else rng.normal(size=tuple(out.shape))
+                )
             cache[name] = types.SimpleNamespace(model=model, converted=converted, report=report, x=x, y=y)
         return cache[name]
 
@@ -317,7 +347,8 @@ def test_specific_classes_kept(built):
     case = built("subclassed")
     assert type(case.converted) is _Block
     assert sorted(c for _, c, _ in case.report.converted) == sorted(
-        ["BatchNormalization", "GroupNormalization", "LayerNormalization", "RMSNormalization", "UnitNormalization"])
+        ["BatchNormalization", "GroupNormalization", "LayerNormalization", "RMSNormalization", "UnitNormalization"]
+    )
     assert isinstance(case.converted.inner.layers[0], normkit_keras.LayerNormalization)
     sequential = built("sequential").converted
     with _floatx64():
@@ -338,14 +369,22 @@ class _MyBatchNorm(keras.layers.BatchNormalization):
 
 
 def test_left_layers_are_named():
-    model = keras.Sequential([keras.Input((4,)), _MyNorm(name="centre"), _MyBatchNorm(name="twice"),
-                              keras.layers.Normalization(mean=0.0, variance=1.0, name="standard"),
-                              keras.layers.LayerNormalization(name="ln")])
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            _MyNorm(name="centre"),
+            _MyBatchNorm(name="twice"),
+            keras.layers.Normalization(mean=0.0, variance=1.0, name="standard"),
+            keras.layers.LayerNormalization(name="ln"),
+        ]
+    )
     converted, report = convert(model, report=True)
     assert [path for path, _, _ in report.converted] == ["ln"]
     skipped = {path: (cls, reason) for path, cls, reason in report.skipped}
     assert set(skipped) == {"centre", "twice", "standard"}
-    assert skipped["twice"][0] == "_MyBatchNorm" and "subclass of keras.layers.BatchNormalization" in skipped["twice"][1]
+    assert (
+        skipped["twice"][0] == "_MyBatchNorm" and "subclass of keras.layers.BatchNormalization" in skipped["twice"][1]
+    )
     assert type(converted.get_layer("twice")) is _MyBatchNorm
     with pytest.warns(UnconvertedNormWarning, match=r"left 3 .*centre.*twice.*standard") as caught:
         convert(model)
