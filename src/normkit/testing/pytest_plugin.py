@@ -98,13 +98,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend" in metafunc.fixturenames:
         metafunc.parametrize("backend", selected_backends(metafunc.config), indirect=True)
     if "harness_case" in metafunc.fixturenames:
-        params, ids = [], []
+        params = []
         for harness in selected_harnesses(metafunc.config):
+            # one framework's cases on one pytest-xdist worker (--dist loadgroup): eager JAX compiles each
+            # primitive per shape and dtype once per process, so Flax's cases split over two workers compile twice
+            group = pytest.mark.xdist_group(f"conformance-{harness.name}")
             for case in harness.cases():
                 for policy in case.policies:
-                    params.append((harness, case, policy))
-                    ids.append(f"{harness.name}-{case.id}-{policy}")
-        metafunc.parametrize("harness_case", params, ids=ids)
+                    params.append(pytest.param((harness, case, policy), id=f"{harness.name}-{case.id}-{policy}",
+                                               marks=group))
+        metafunc.parametrize("harness_case", params)
 
 
 @pytest.fixture
