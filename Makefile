@@ -21,7 +21,7 @@ $(STAMP): requirements/test.txt requirements/nodeps.txt pyproject.toml $(wildcar
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements/test.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements/nodeps.txt
-	$(PY) -m pip install --quiet --no-deps -e . $(addprefix -e ,$(PLUGINS))
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . $(addprefix -e ,$(PLUGINS))
 	$(PY) -m pip check > $(VENV)/pip-check.txt || true
 	! grep -v -E '$(KNOWN_ABSENT)' $(VENV)/pip-check.txt
 	touch $(STAMP)
