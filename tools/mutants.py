@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("src", "plugins", "tests", "conftest.py", "pyproject.toml")
+SOURCES = ("src", "plugins", "tests", "conftest.py", "pyproject.toml", "ruff.toml", "README.md", "LICENSE", "CHANGELOG.md")
 PYTHONPATHS = ("src", *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("plugins/*/src")))
 TIMEOUT = 600
 
