@@ -16,8 +16,7 @@ import threading
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from normkit.plugin import kernels
 from normkit.plugin.kernels import KernelPolicy, use_policy

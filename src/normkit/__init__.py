@@ -7,16 +7,14 @@ Batch norm is three public steps: ``batch_moments`` (a batch's mergeable ``Momen
 
 from normkit._backward import BatchNormGrads, batch_norm_backward
 from normkit._batch_norm import BatchNormResult, batch_norm, normalize
-from normkit._ghost import check_virtual_batch_size
 from normkit._family import group_norm, instance_norm, layer_norm, rms_norm
+from normkit._ghost import check_virtual_batch_size
 from normkit._moments import Moments, MomentsResult, batch_moments, moments
-from normkit._namespace import array_namespace
+from normkit._namespace import array_namespace, warm_up as _warm_up
 from normkit._preprocessing import min_max_scale, standardize
 from normkit._running import update_running_stats
 from normkit._state import NormState, StateCopyReport, norm_states
 from normkit.plugin.spec import hookimpl
-
-from normkit._namespace import warm_up as _warm_up
 
 _warm_up()
 __version__ = "0.3.0"

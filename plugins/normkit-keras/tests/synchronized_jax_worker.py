@@ -93,8 +93,7 @@ def main(path: str) -> None:
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
     import keras
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
     import normkit_keras as nk
 

@@ -51,16 +51,48 @@ _FUNCTIONS = {
 __all__ = list(_LAYERS) + list(_FUNCTIONS)
 
 if TYPE_CHECKING:
-    from normkit_keras._batch_normalization import BatchNormalization
-    from normkit_keras._policy import get_kernel_policy, set_kernel_policy
-    from normkit_keras._family import GroupNormalization, LayerNormalization, RMSNormalization, UnitNormalization
-    from normkit_keras._fold import UnfoldedBatchNormWarning, fold_batch_norm
-    from normkit_keras._freeze import freeze
-    from normkit_keras._accumulate import accumulate_statistics
-    from normkit_keras._convert import ConversionReport, UnconvertedNormWarning, convert
-    from normkit_keras._recalibrate import recalibrate
-    from normkit_keras._preprocessing import MinMaxScale, Standardize
-    from normkit_keras._state import copy_norm_states, from_state, get_state, norm_states, set_state
+    from normkit_keras._accumulate import (
+        accumulate_statistics as accumulate_statistics,
+    )
+    from normkit_keras._batch_normalization import (
+        BatchNormalization as BatchNormalization,
+    )
+    from normkit_keras._convert import (
+        ConversionReport as ConversionReport,
+        UnconvertedNormWarning as UnconvertedNormWarning,
+        convert as convert,
+    )
+    from normkit_keras._family import (
+        GroupNormalization as GroupNormalization,
+        LayerNormalization as LayerNormalization,
+        RMSNormalization as RMSNormalization,
+        UnitNormalization as UnitNormalization,
+    )
+    from normkit_keras._fold import (
+        UnfoldedBatchNormWarning as UnfoldedBatchNormWarning,
+        fold_batch_norm as fold_batch_norm,
+    )
+    from normkit_keras._freeze import (
+        freeze as freeze,
+    )
+    from normkit_keras._policy import (
+        get_kernel_policy as get_kernel_policy,
+        set_kernel_policy as set_kernel_policy,
+    )
+    from normkit_keras._preprocessing import (
+        MinMaxScale as MinMaxScale,
+        Standardize as Standardize,
+    )
+    from normkit_keras._recalibrate import (
+        recalibrate as recalibrate,
+    )
+    from normkit_keras._state import (
+        copy_norm_states as copy_norm_states,
+        from_state as from_state,
+        get_state as get_state,
+        norm_states as norm_states,
+        set_state as set_state,
+    )
 
 
 def __getattr__(name: str) -> Any:

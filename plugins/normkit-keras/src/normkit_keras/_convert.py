@@ -39,8 +39,7 @@ KERAS_HUB_RMS = frozenset({
 
 
 def _twins() -> dict[type, type]:
-    from normkit_keras import _batch_normalization as bn
-    from normkit_keras import _family as fam
+    from normkit_keras import _batch_normalization as bn, _family as fam
 
     layers = keras.layers
     return {

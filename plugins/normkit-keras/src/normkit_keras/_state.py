@@ -24,8 +24,7 @@ import numpy as np
 
 import normkit
 from normkit import NormState, StateCopyReport
-from normkit_keras import _batch_normalization as _bn
-from normkit_keras import _family as _fam
+from normkit_keras import _batch_normalization as _bn, _family as _fam
 
 __all__ = ["get_state", "set_state", "from_state", "norm_states", "copy_norm_states"]
 

@@ -69,42 +69,78 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
+    from normkit_torch._accumulate import (
+        accumulate_statistics as accumulate_statistics,
+    )
     from normkit_torch._batchnorm import (
-        BatchNorm,
-        BatchNorm1d,
-        BatchNorm2d,
-        BatchNorm3d,
-        LazyBatchNorm1d,
-        LazyBatchNorm2d,
-        LazyBatchNorm3d,
+        BatchNorm as BatchNorm,
+        BatchNorm1d as BatchNorm1d,
+        BatchNorm2d as BatchNorm2d,
+        BatchNorm3d as BatchNorm3d,
+        LazyBatchNorm1d as LazyBatchNorm1d,
+        LazyBatchNorm2d as LazyBatchNorm2d,
+        LazyBatchNorm3d as LazyBatchNorm3d,
     )
-    from normkit_torch._accumulate import accumulate_statistics
-    from normkit_torch._conversions import register_conversion
-    from normkit_torch._convert import ConversionReport, UnconvertedNormWarning, convert, to_torch
-    from normkit_torch._functional import get_kernel_policy, set_kernel_policy
-    from normkit_torch._instancenorm import (
-        InstanceNorm1d,
-        InstanceNorm2d,
-        InstanceNorm3d,
-        LazyInstanceNorm1d,
-        LazyInstanceNorm2d,
-        LazyInstanceNorm3d,
+    from normkit_torch._conversions import (
+        register_conversion as register_conversion,
     )
-    from normkit_torch._normalization import GroupNorm, LayerNorm, RMSNorm
-    from normkit_torch._fold import UnfoldedBatchNormWarning, fold_batch_norm
+    from normkit_torch._convert import (
+        ConversionReport as ConversionReport,
+        UnconvertedNormWarning as UnconvertedNormWarning,
+        convert as convert,
+        to_torch as to_torch,
+    )
+    from normkit_torch._fold import (
+        UnfoldedBatchNormWarning as UnfoldedBatchNormWarning,
+        fold_batch_norm as fold_batch_norm,
+    )
     from normkit_torch._frozen import (
-        FrozenBatchNorm,
-        FrozenBatchNorm1d,
-        FrozenBatchNorm2d,
-        FrozenBatchNorm3d,
-        freeze,
-        unfreeze,
+        FrozenBatchNorm as FrozenBatchNorm,
+        FrozenBatchNorm1d as FrozenBatchNorm1d,
+        FrozenBatchNorm2d as FrozenBatchNorm2d,
+        FrozenBatchNorm3d as FrozenBatchNorm3d,
+        freeze as freeze,
+        unfreeze as unfreeze,
     )
-    from normkit_torch._preprocessing import MinMaxScale, Standardize
-    from normkit_torch._recalibrate import recalibrate
-    from normkit_torch._renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
-    from normkit_torch._state import copy_norm_states, from_state, get_state, norm_states, set_state
-    from normkit_torch._sync import SyncBatchNorm
+    from normkit_torch._functional import (
+        get_kernel_policy as get_kernel_policy,
+        set_kernel_policy as set_kernel_policy,
+    )
+    from normkit_torch._instancenorm import (
+        InstanceNorm1d as InstanceNorm1d,
+        InstanceNorm2d as InstanceNorm2d,
+        InstanceNorm3d as InstanceNorm3d,
+        LazyInstanceNorm1d as LazyInstanceNorm1d,
+        LazyInstanceNorm2d as LazyInstanceNorm2d,
+        LazyInstanceNorm3d as LazyInstanceNorm3d,
+    )
+    from normkit_torch._normalization import (
+        GroupNorm as GroupNorm,
+        LayerNorm as LayerNorm,
+        RMSNorm as RMSNorm,
+    )
+    from normkit_torch._preprocessing import (
+        MinMaxScale as MinMaxScale,
+        Standardize as Standardize,
+    )
+    from normkit_torch._recalibrate import (
+        recalibrate as recalibrate,
+    )
+    from normkit_torch._renorm import (
+        BatchRenorm1d as BatchRenorm1d,
+        BatchRenorm2d as BatchRenorm2d,
+        BatchRenorm3d as BatchRenorm3d,
+    )
+    from normkit_torch._state import (
+        copy_norm_states as copy_norm_states,
+        from_state as from_state,
+        get_state as get_state,
+        norm_states as norm_states,
+        set_state as set_state,
+    )
+    from normkit_torch._sync import (
+        SyncBatchNorm as SyncBatchNorm,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -27,9 +27,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from normkit_torch import _batchnorm as bn
-from normkit_torch import _frozen
-from normkit_torch import _normalization as norm
+from normkit_torch import _batchnorm as bn, _frozen, _normalization as norm
 from normkit_torch._functional import layer_norm, rms_norm
 
 __all__ = [
@@ -284,8 +282,7 @@ def _frozen_to(target: type) -> ConvertFn:
 
 
 def _timm_conversions() -> dict[type, ConvertFn]:
-    from timm.layers import norm as timm_norm
-    from timm.layers import norm_act
+    from timm.layers import norm as timm_norm, norm_act
 
     return {
         timm_norm.LayerNorm: _as(norm.LayerNorm),

@@ -17,12 +17,7 @@ from typing import Any, Union
 from torch import nn
 
 from normkit._conversion import ConversionReport, UnconvertedNormWarning
-
-from normkit_torch import _batchnorm as bn
-from normkit_torch import _conversions
-from normkit_torch import _instancenorm as inorm
-from normkit_torch import _normalization as norm
-from normkit_torch import _sync
+from normkit_torch import _batchnorm as bn, _conversions, _instancenorm as inorm, _normalization as norm, _sync
 
 __all__ = ["convert", "to_torch", "constructor_kwargs", "ConversionReport", "UnconvertedNormWarning"]
 

@@ -28,9 +28,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 import normkit
 from normkit import NormState, StateCopyReport
-from normkit_torch import _batchnorm as bn
-from normkit_torch import _instancenorm as inorm
-from normkit_torch import _normalization as norm
+from normkit_torch import _batchnorm as bn, _instancenorm as inorm, _normalization as norm
 
 __all__ = ["get_state", "set_state", "from_state", "norm_states", "copy_norm_states"]
 
