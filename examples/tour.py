@@ -6,7 +6,7 @@ The examples it runs, each also runnable alone with more steps:
   feature_scaling    rental-car price (generated data): unscaled vs min-max vs z-scored features
   per_feature_map    batch norm after a convolution: one statistic per feature map, not per pixel
   every_library      the same calls on numpy, torch, jax (jit), dask (lazy), TensorFlow
-  lr_sweep           a digits CNN with normkit_torch.BatchNorm2d vs none, over learning rates
+  lr_sweep           a deep MLP (BatchNorm1d) and a digits CNN (BatchNorm2d) vs none, over learning rates
   keras_seed_models  the article's Keras models with normkit_keras vs keras BatchNormalization
 """
 
