@@ -226,11 +226,11 @@ BUILDERS = {
     "sequential": (_sequential, 5),
 }
 # convert is backend-independent structure: ResNet50 (~27 s) runs on TensorFlow only, and on jax (where every eager
-# op and each jitted train step compiles on first use: MobileNetV2 ~50 s, BERT ~20 s) MobileNetV2 and BERT do not
-# run either; each backend's numerics are covered by the keras-hub ResNet (batch norm in a backbone graph) and the
-# subclassed and Sequential models (all five normalization layers), MobileNetV2 and BERT on torch as well
+# op and each jitted train step compiles on first use: MobileNetV2 ~50 s, BERT ~20 s, the keras-hub ResNet ~19 s)
+# only the subclassed and Sequential models run (all five normalization layers, nested); the keras-hub backbones and
+# MobileNetV2 run on TensorFlow and torch
 ON_TENSORFLOW_ONLY = {"resnet50"}
-NOT_ON_JAX = {"resnet50", "mobilenet_v2", "keras_hub_bert"}
+NOT_ON_JAX = {"resnet50", "mobilenet_v2", "keras_hub_bert", "keras_hub_resnet"}
 MODELS = [
     name
     for name in BUILDERS
@@ -341,8 +341,9 @@ def test_three_float64_training_steps_equal(built, name, float64):
 def test_specific_classes_kept(built):
     """The keras-hub backbones stay their classes and serialize from their own arguments; the subclassed model
     keeps its class and nested Sequential; a converted Sequential reloads as normkit's layers."""
-    hub = built("keras_hub_resnet").converted
-    assert type(hub) is keras_hub.models.ResNetBackbone and hub.get_config()["stackwise_num_filters"] == [64, 16]
+    if "keras_hub_resnet" in MODELS:
+        hub = built("keras_hub_resnet").converted
+        assert type(hub) is keras_hub.models.ResNetBackbone and hub.get_config()["stackwise_num_filters"] == [64, 16]
     if "keras_hub_bert" in MODELS:
         assert type(built("keras_hub_bert").converted) is keras_hub.models.BertBackbone
     case = built("subclassed")

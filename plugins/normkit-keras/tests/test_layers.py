@@ -30,6 +30,10 @@ def data(shape, seed=0, offset=0.5, scale=2.0, dtype="float32"):
 # --------------------------------------------------------------------------- the plugin's entry module
 
 
+# normkit's TensorFlow namespace serves TensorFlow tensors whatever Keras's backend: its tests run in the TensorFlow stage
+TENSORFLOW_STAGE = pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow namespace: runs with KERAS_BACKEND=tensorflow")
+
+
 def test_entry_module_imports_no_framework():
     code = (
         "import sys\n"
@@ -48,6 +52,7 @@ def test_entry_module_imports_no_framework():
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "NORMKIT_STRICT_PLUGINS": "0"})
 
 
+@TENSORFLOW_STAGE
 def test_hooks_namespace_backends_harness():
     import tensorflow as tf
 
@@ -75,6 +80,7 @@ def test_hooks_namespace_backends_harness():
             np.testing.assert_allclose(b.to_numpy(got), ref, rtol=1e-12, atol=1e-12, err_msg=name)
 
 
+@TENSORFLOW_STAGE
 def test_tensorflow_namespace_unknown_batch_and_keras_tensor():
     import tensorflow as tf
 
@@ -92,6 +98,12 @@ def test_tensorflow_namespace_unknown_batch_and_keras_tensor():
     np.testing.assert_allclose(rms.numpy(), reference.rms_norm(x, eps=float(np.finfo(np.float32).eps)), rtol=1e-4, atol=1e-4)
     _, _, want = reference.batch_norm(x, np.zeros(4), np.ones(4), training=True, axis=-1, correction=1)
     np.testing.assert_allclose(rv.numpy(), want, rtol=1e-4)
+
+
+def test_keras_tensor_through_the_functional_api():
+    """A symbolic KerasTensor goes through normkit's functions as keras.ops would take it, on every backend."""
+    import normkit
+
     kt = keras.KerasTensor((None, 6, 4), dtype="float32")
     out = normkit.layer_norm(kt, axis=-1)
     assert isinstance(out, keras.KerasTensor) and tuple(out.shape) == (None, 6, 4) and out.dtype == "float32"
@@ -486,6 +498,8 @@ def _swap_batch_norms(model):
     return swapped
 
 
+@pytest.mark.skipif(BACKEND == "jax", reason="eager JAX compiles each of MobileNetV2's ops on first use (~30 s); freezing "
+                    "is backend-independent Keras code, run here on TensorFlow and torch and by test_freeze.py on jax")
 def test_freeze_every_batch_normalization_in_mobilenet_v2():
     """The usual fine-tuning loop (isinstance(layer, keras.layers.BatchNormalization) -> trainable=False) finds
     all 52 of MobileNetV2's, now normkit's, and frozen they run in inference mode with fixed statistics."""
