@@ -29,6 +29,7 @@ import pytest
 from keras.src.backend.common import dtypes as keras_dtypes
 
 import normkit_keras
+from normkit.plugin.kernels import use_policy
 from normkit_keras import ConversionReport, UnconvertedNormWarning, convert
 
 BACKEND = keras.backend.backend()
@@ -245,22 +246,27 @@ def built():
 
     def get(name):
         if name not in cache:
-            rng = np.random.default_rng(0)
-            with _floatx64():
-                model, x = BUILDERS[name][0](rng)
-                _randomize_norms(model, rng)
-                converted, report = convert(model, report=True)
-                with _keras_float64():
-                    out = model(x, training=False)
-                y = (
-                    {k: rng.normal(size=tuple(v.shape)) for k, v in out.items()}
-                    if isinstance(out, dict)
-                    else rng.normal(size=tuple(out.shape))
-                )
-            cache[name] = types.SimpleNamespace(model=model, converted=converted, report=report, x=x, y=y)
+            cache[name] = _build(name)
         return cache[name]
 
     return get
+
+
+def _build(name):
+    """The model (float64, random normalization weights), its converted copy, the report, an input and targets."""
+    rng = np.random.default_rng(0)
+    with _floatx64():
+        model, x = BUILDERS[name][0](rng)
+        _randomize_norms(model, rng)
+        converted, report = convert(model, report=True)
+        with _keras_float64():
+            out = model(x, training=False)
+        y = (
+            {k: rng.normal(size=tuple(v.shape)) for k, v in out.items()}
+            if isinstance(out, dict)
+            else rng.normal(size=tuple(out.shape))
+        )
+    return types.SimpleNamespace(model=model, converted=converted, report=report, x=x, y=y)
 
 
 # ------------------------------------------------------------------------------------------ the tests
@@ -334,6 +340,21 @@ def test_three_float64_training_steps_equal(built, name, float64):
     moved = [p for p in trained if not np.array_equal(trained[p], start[p])]
     if any(isinstance(layer, keras.layers.BatchNormalization) for layer in _norms(case.model)):
         assert any("moving_mean" in p for p in moved)
+    for path in trained:
+        np.testing.assert_allclose(ours[path], trained[path], err_msg=path, **F64)
+
+
+@pytest.mark.parametrize("name", ["subclassed", "sequential"])
+def test_core_policy_outputs_and_training_equal(name, float64):
+    """Under the "core" kernel policy (normkit's own math, not the backend's fused ops) the converted small models
+    (all five normalization layers) give Keras's eval outputs and the same weights after three training steps."""
+    case = _build(name)
+    with use_policy("core"), _keras_float64():
+        _assert_tree_close(_numpy(case.converted(case.x, training=False)),
+                           _numpy(case.model(case.x, training=False)), **F64)
+        _train(case.converted, case.x, case.y)
+        _train(case.model, case.x, case.y)
+    trained, ours = _values(case.model), _values(case.converted)
     for path in trained:
         np.testing.assert_allclose(ours[path], trained[path], err_msg=path, **F64)
 
