@@ -7,7 +7,7 @@ Plugins add theirs through the ``normkit_test_backends`` hook.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -44,7 +44,6 @@ class BackendSpec:
     name: str
     make: Callable[[], Backend]
     default: bool = True
-    requires: tuple[str, ...] = field(default_factory=tuple)
 
 
 def _numpy() -> Backend:

@@ -34,7 +34,6 @@ class LayerCase:
     input_shape: tuple[int, ...]
     reference: Callable[[np.ndarray, State, bool], tuple[np.ndarray, State]]
     dtype: str = "float64"
-    trains: bool = True  # False for layers with no training behaviour to compare (none yet)
     data_offset: float = 0.0  # mean of the generated input (tests shifted data when large)
     extra: dict[str, Any] = field(default_factory=dict)
     # (x, upstream, state) -> (dx, {weight name: gradient}) in float64; every case should have them:

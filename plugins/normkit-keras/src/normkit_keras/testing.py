@@ -79,8 +79,8 @@ def tensorflow_backends() -> list[Any]:
     from normkit.testing.backends import BackendSpec
 
     return [
-        BackendSpec("tensorflow", _tensorflow, requires=("tensorflow",)),
-        BackendSpec("tensorflow-function", _tensorflow_function, requires=("tensorflow",)),
+        BackendSpec("tensorflow", _tensorflow),
+        BackendSpec("tensorflow-function", _tensorflow_function),
     ]
 
 
