@@ -37,8 +37,11 @@ def normkit_frameworks() -> dict[str, str]:
 def normkit_kernel(op: str, xp: Any, device: Any, dtype: Any, layout: str) -> Callable[..., Any] | None:
     """Return a fused kernel for ``op`` (e.g. ``"batch_norm"``) on this namespace/device/dtype/layout.
 
-    Looked up once per module and configuration, never per call. The kernel takes the same
-    arguments as the normkit function it replaces and must give the same result within round-off.
+    Asked once per (op, namespace, device type, dtype, layout) and kernel policy: the answer is cached
+    (``normkit.plugin.kernels.lookup``; a policy change or a plugin (un)registered asks again) and every
+    later call, the functional API's per-call lookup included, reads the cache. The kernel takes the
+    same arguments as the normkit function it replaces and must give the same result within round-off,
+    or return ``NotImplemented`` for arguments outside its contract (the core computes then).
     """
 
 
