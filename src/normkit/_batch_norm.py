@@ -117,7 +117,7 @@ def batch_norm(
     eps: float = 1e-5,
     axis: int = 1,
     mask: Any = None,
-    correction: int = 1,
+    correction: float = 1,
     allow_single_value: bool = False,
     num_batches: Any = None,
     virtual_batch_size: int | None = None,
@@ -195,7 +195,7 @@ def batch_norm(
 
 
 def _train(xp: Any, x: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any, momentum: Any,
-           eps: float, f: int, mask: Any, correction: int, allow_single_value: bool, num_batches: Any) -> BatchNormResult:
+           eps: float, f: int, mask: Any, correction: float, allow_single_value: bool, num_batches: Any) -> BatchNormResult:
     num_features = x.shape[f]
     if num_features is None:
         raise ValueError(f"the feature axis {f} of x must have a known size, got shape {tuple(x.shape)}")

@@ -81,7 +81,7 @@ def _merge_virtual_batches(xp: Any, mean: Any, var: Any, count: Any, groups: Any
 
 
 def ghost_train(xp: Any, x: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any, momentum: Any,
-                eps: float, f: int, mask: Any, correction: int, allow_single_value: bool, num_batches: Any,
+                eps: float, f: int, mask: Any, correction: float, allow_single_value: bool, num_batches: Any,
                 v: int, single_value_error: Any) -> tuple[Any, Any, Any]:
     """Training-mode ghost batch norm of ``x`` (features on axis ``f`` > 0, ``v`` dividing axis 0): ``(y, mean, var)``."""
     shape = tuple(x.shape)
