@@ -44,6 +44,7 @@ _EXPORTS = {
     "UnconvertedNormWarning": "_convert",
     "to_torch": "_convert",
     "register_conversion": "_conversions",
+    "Float32RMSNorm": "_conversions",
     "accumulate_statistics": "_accumulate",
     "set_kernel_policy": "_functional",
     "get_kernel_policy": "_functional",
@@ -82,6 +83,7 @@ if TYPE_CHECKING:
         LazyBatchNorm3d as LazyBatchNorm3d,
     )
     from normkit_torch._conversions import (
+        Float32RMSNorm as Float32RMSNorm,
         register_conversion as register_conversion,
     )
     from normkit_torch._convert import (
