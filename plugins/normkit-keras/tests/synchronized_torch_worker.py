@@ -126,7 +126,7 @@ def run_case(nk, case: dict[str, Any], seed: int, rank: int | None) -> dict[str,
     return out
 
 
-from normkit_torch.testing import CountCollectives, end_process_group  # noqa: E402  (CountCollectives: re-exported)
+from normkit_torch.testing import CountCollectives, end_process_group  # noqa: E402
 
 
 def run_ddp(nk, rank: int) -> dict[str, Any]:

@@ -85,7 +85,7 @@ def _slice(t: torch.Tensor, sizes: tuple[int, ...], rank: int) -> torch.Tensor:
     return t[start:start + sizes[rank]]
 
 
-from normkit_torch.testing import CountCollectives, end_process_group  # noqa: E402  (CountCollectives: re-exported)
+from normkit_torch.testing import CountCollectives, end_process_group  # noqa: E402
 
 
 def run_layer_case(case: dict[str, Any], rank: int, seed: int, dtype: torch.dtype = F64) -> dict[str, Any]:

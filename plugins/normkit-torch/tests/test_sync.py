@@ -26,7 +26,7 @@ from torch import nn
 import normkit_torch as nkt
 import sync_worker as sw
 from normkit.testing import reference
-from normkit_torch.testing import run_gloo_workers
+from normkit_torch.testing import CountCollectives, run_gloo_workers
 
 pytestmark = pytest.mark.xdist_group("processes")  # starts processes: one such test at a time under xdist
 
@@ -240,7 +240,7 @@ def test_world_of_one_is_plain_batch_norm(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
                             timeout=datetime.timedelta(seconds=20))
     try:
-        with sw.CountCollectives() as counted:
+        with CountCollectives() as counted:
             _steps_equal(*_pair())
         assert counted.calls == []
     finally:

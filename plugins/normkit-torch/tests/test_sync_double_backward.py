@@ -16,6 +16,7 @@ from torch import nn
 
 import normkit_torch as nkt
 import sync_worker as sw
+from normkit_torch.testing import CountCollectives
 
 pytestmark = pytest.mark.xdist_group("processes")  # starts processes: one such test at a time under xdist
 
@@ -71,7 +72,7 @@ def test_world_of_one_gradgradcheck(tmp_path):
         module = sw.init_layer(nkt.SyncBatchNorm(2, dtype=F64))
         x = sw.batch((3,), (3,), seed=4, channels=2).requires_grad_()
         w, b = (p.detach().clone().requires_grad_() for p in (module.weight, module.bias))
-        with sw.CountCollectives() as counted:
+        with CountCollectives() as counted:
             assert torch.autograd.gradgradcheck(_functional(module), (x, w, b))
         assert counted.calls == []
     finally:
