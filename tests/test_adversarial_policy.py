@@ -26,20 +26,14 @@ VAR = "NORMKIT_TEST_ADVERSARIAL_KERNELS"
 
 @pytest.fixture
 def make_policy(monkeypatch):
-    made = []
-
     def make(value):
         if value is None:
             monkeypatch.delenv(VAR, raising=False)
         else:
             monkeypatch.setenv(VAR, value)
-        p = KernelPolicy(VAR)
-        made.append(p)
-        return p
+        return KernelPolicy(VAR)
 
-    yield make
-    for p in made:  # a KernelPolicy registers itself process-wide
-        kernels._POLICIES.remove(p)
+    return make
 
 
 @pytest.mark.parametrize("value", ["fast", "fused", "on", "1", "cor", "auto,core", "None"])
@@ -163,7 +157,6 @@ def test_use_policy_from_two_threads_in_any_interleaving(case, default):
             while w.blocks:  # a failed example: leave no block open
                 w.do("exit")
             w.stop()
-        kernels._POLICIES.remove(policy)
 
 
 def test_the_issue_sequence_leaves_the_process_on_its_default():

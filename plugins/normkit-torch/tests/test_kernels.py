@@ -31,7 +31,7 @@ import normkit_torch as nkt
 import normkit_torch.functional as NF
 from conftest import F64, randomize
 from normkit.plugin import kernels
-from normkit.plugin.manager import kernel as hook_kernel
+from normkit.plugin.manager import plugin_manager
 from normkit.testing import reference
 from normkit_torch import _functional, _kernels, _plugin
 
@@ -39,6 +39,11 @@ OPS = ("batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm")
 XP = _functional.xp
 TIGHT = dict(rtol=1e-10, atol=1e-12)
 HALF = (torch.float16, torch.bfloat16)
+
+
+def hook_kernel(op: str, xp: Any, device: Any, dtype: Any, layout: str = "any") -> Any:
+    """The plugins' answer to the ``normkit_kernel`` hook itself, uncached (``kernels.lookup`` caches it)."""
+    return plugin_manager().hook.normkit_kernel(op=op, xp=xp, device=device, dtype=dtype, layout=layout)
 
 
 def _bump_generation() -> None:
