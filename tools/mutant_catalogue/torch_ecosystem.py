@@ -11,7 +11,7 @@ MUTANTS = [
     Mutant(  # noqa: F821
         "torch-checkpoint-recompute-updates", "the forward recomputed by torch.utils.checkpoint updates the running "
         "statistics again (num_batches_tracked 2 after one step)",
-        _SRC + "_accumulate.py", "return torch._C._current_graph_task_id() != -1", "return False",
+        _SRC + "_recording.py", "return torch._C._current_graph_task_id() != -1", "return False",
         ((TORCH, "tests/test_checkpoint.py", "-k", "once and auto and BatchNorm"),)),  # noqa: F821
     Mutant(  # noqa: F821
         "torch-accumulate-last-micro-batch", "accumulate_statistics folds the last micro-batch's statistics only",

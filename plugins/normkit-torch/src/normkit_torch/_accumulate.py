@@ -12,60 +12,28 @@ already merged across ranks, so the fold is the global one and needs no collecti
 Under ``torch.utils.checkpoint`` (either ``use_reentrant``) the forward runs again inside backward to recompute
 activations; that run (a forward while the autograd engine executes a backward: ``_current_graph_task_id``)
 normalizes identically and leaves the running statistics alone, so they move once per forward of the user's step.
+The forwards ask ``normkit_torch._recording`` whether to update; this module only opens and folds the records.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
-from typing import Iterator, Optional, Union
+from typing import Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import normkit
 from normkit import Moments
+from normkit_torch._batchnorm import _NormkitBatchNorm
+from normkit_torch._recording import LOCK as _LOCK, RECORDS as _RECORDS
+from normkit_torch._sync import SyncBatchNorm
 
-__all__ = ["accumulate_statistics", "skip_running_update", "scratch_copies", "recomputing"]
-
-_LOCK = threading.Lock()
-_RECORDS: dict[nn.Module, list[Moments]] = {}  # module -> the Moments of each call inside accumulate_statistics
-
-
-def recomputing() -> bool:
-    """Whether this forward runs inside a backward pass: torch.utils.checkpoint recomputing activations."""
-    return torch._C._current_graph_task_id() != -1
-
-
-def skip_running_update(module: nn.Module, batch: Union[Tensor, Moments]) -> bool:
-    """Called by a batch-norm forward that would update its running statistics with ``batch`` (its input, channels
-    on axis 1, or its merged ``Moments``): True when it must not (a recomputation, or recorded for the fold)."""
-    if torch.compiler.is_compiling():
-        return False
-    if recomputing():
-        return True
-    records = _RECORDS.get(module)
-    if records is None:
-        return False
-    if isinstance(batch, Tensor):
-        batch = normkit.batch_moments(batch.detach(), axis=1)
-    else:
-        count = batch.count.detach() if isinstance(batch.count, Tensor) else batch.count
-        batch = Moments(count=count, mean=batch.mean.detach(), m2=batch.m2.detach())
-    records.append(batch)
-    return True
-
-
-def scratch_copies(running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
-    """Copies of the running statistics for a forward that must not update them (its kernel writes the copies)."""
-    return tuple(None if t is None else t.detach().clone() for t in (running_mean, running_var))
+__all__ = ["accumulate_statistics"]
 
 
 def _supported(module: _BatchNorm) -> bool:
-    from normkit_torch._batchnorm import _NormkitBatchNorm
-    from normkit_torch._sync import SyncBatchNorm
-
     return isinstance(module, (_NormkitBatchNorm, SyncBatchNorm))
 
 

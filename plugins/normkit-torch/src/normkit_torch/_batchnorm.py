@@ -31,9 +31,9 @@ from torch.fx import Proxy
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import normkit
-from normkit_torch import _deploy
-from normkit_torch._accumulate import scratch_copies, skip_running_update
+from normkit_torch import _deploy, _twins
 from normkit_torch._functional import _is_scripting, batch_norm, cumulative_momentum
+from normkit_torch._recording import scratch_copies, skip_running_update
 
 __all__ = [
     "BatchNorm",
@@ -131,8 +131,9 @@ class BatchNorm3d(_NormkitBatchNorm, nn.BatchNorm3d):
 class BatchNorm(_NormkitBatchNorm, _BatchNorm):
     """Batch norm over input of any rank >= 2 (channels on axis 1), with BatchNorm1d's arguments.
 
-    ``normkit_torch.convert`` turns a ``torch.nn.SyncBatchNorm`` into this module. It computes
-    the statistics of the local batch only: it does not synchronize them across processes.
+    It computes the statistics of the local batch only; ``normkit_torch.SyncBatchNorm`` synchronizes
+    them across processes (``normkit_torch.convert`` turns a ``torch.nn.SyncBatchNorm`` into that one).
+    No torch.nn twin: ``normkit_torch.to_torch`` leaves it as it is.
     """
 
     __init__ = _with_virtual_batch_size(_BatchNorm)
@@ -163,4 +164,7 @@ class LazyBatchNorm3d(_deploy.TraceableLazy, _NormkitBatchNorm, nn.LazyBatchNorm
     cls_to_become = BatchNorm3d  # type: ignore[assignment]
 
 
+_twins.register({nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d,
+                 nn.LazyBatchNorm1d: LazyBatchNorm1d, nn.LazyBatchNorm2d: LazyBatchNorm2d,
+                 nn.LazyBatchNorm3d: LazyBatchNorm3d})
 _deploy.register_fusers({nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d})

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from normkit_torch import _batchnorm as bn, _frozen, _normalization as norm
 from normkit_torch._functional import layer_norm, rms_norm
+from normkit_torch._twins import constructor_kwargs  # the one reading of torch.nn's configuration
 
 __all__ = [
     "register_conversion",
@@ -265,8 +266,6 @@ def _as(target: type) -> ConvertFn:
     def convert(module: nn.Module) -> Optional[nn.Module]:
         if _fast_norm_declined(module):
             return None
-        from normkit_torch._convert import constructor_kwargs  # the one reading of torch.nn's configuration
-
         return _transplant(module, target(**constructor_kwargs(module), device="meta"))
 
     convert.__qualname__ = f"convert_to_{target.__name__}"

@@ -17,87 +17,10 @@ from typing import Any, Union
 from torch import nn
 
 from normkit._conversion import ConversionReport, UnconvertedNormWarning
-from normkit_torch import _batchnorm as bn, _conversions, _instancenorm as inorm, _normalization as norm, _sync
+from normkit_torch import _batchnorm, _conversions, _instancenorm, _normalization, _sync  # noqa: F401 - they register
+from normkit_torch._twins import TO_NORMKIT, TO_TORCH, constructor_kwargs, swap as _swap
 
 __all__ = ["convert", "to_torch", "constructor_kwargs", "ConversionReport", "UnconvertedNormWarning"]
-
-
-def _pairs() -> list[tuple[type, type]]:
-    pairs: list[tuple[type, type]] = [
-        (nn.BatchNorm1d, bn.BatchNorm1d),
-        (nn.BatchNorm2d, bn.BatchNorm2d),
-        (nn.BatchNorm3d, bn.BatchNorm3d),
-        (nn.LazyBatchNorm1d, bn.LazyBatchNorm1d),
-        (nn.LazyBatchNorm2d, bn.LazyBatchNorm2d),
-        (nn.LazyBatchNorm3d, bn.LazyBatchNorm3d),
-        (nn.SyncBatchNorm, _sync.SyncBatchNorm),
-        (nn.InstanceNorm1d, inorm.InstanceNorm1d),
-        (nn.InstanceNorm2d, inorm.InstanceNorm2d),
-        (nn.InstanceNorm3d, inorm.InstanceNorm3d),
-        (nn.LazyInstanceNorm1d, inorm.LazyInstanceNorm1d),
-        (nn.LazyInstanceNorm2d, inorm.LazyInstanceNorm2d),
-        (nn.LazyInstanceNorm3d, inorm.LazyInstanceNorm3d),
-        (nn.LayerNorm, norm.LayerNorm),
-        (nn.GroupNorm, norm.GroupNorm),
-    ]
-    if hasattr(nn, "RMSNorm"):
-        pairs.append((nn.RMSNorm, norm.RMSNorm))
-    return pairs
-
-
-TO_NORMKIT: dict[type, type] = dict(_pairs())
-TO_TORCH: dict[type, type] = {ours: theirs for theirs, ours in _pairs()}
-
-
-def constructor_kwargs(module: nn.Module) -> dict[str, Any]:
-    """The arguments that rebuild ``module``'s configuration (not its values), for any mapped class."""
-    bias = getattr(module, "bias", None) is not None
-    if isinstance(module, nn.modules.batchnorm._NormBase):
-        kwargs: dict[str, Any] = {
-            "eps": module.eps,
-            "momentum": module.momentum,
-            "affine": module.affine,
-            "track_running_stats": module.track_running_stats,
-        }
-        if not isinstance(module, nn.modules.lazy.LazyModuleMixin):
-            kwargs["num_features"] = module.num_features
-    elif isinstance(module, nn.LayerNorm):
-        kwargs = {"normalized_shape": module.normalized_shape, "eps": module.eps,
-                  "elementwise_affine": module.elementwise_affine}
-    elif isinstance(module, nn.GroupNorm):
-        kwargs = {"num_groups": module.num_groups, "num_channels": module.num_channels, "eps": module.eps,
-                  "affine": module.affine}
-    elif isinstance(module, norm._RMSNormBase):
-        return {"normalized_shape": module.normalized_shape, "eps": module.eps,
-                "elementwise_affine": module.elementwise_affine}
-    else:
-        raise TypeError(f"no normkit/torch twin for {type(module).__name__}")
-    affine = kwargs.get("affine", kwargs.get("elementwise_affine"))
-    if affine and not bias:
-        kwargs["bias"] = False  # only passed when needed: older torch has no bias= on every class
-    return kwargs
-
-
-def _swap(module: nn.Module, target: type) -> nn.Module:
-    """A ``target`` module holding ``module``'s own parameters and buffers, in its mode."""
-    new = target(**constructor_kwargs(module), device="meta")
-    for store in ("_parameters", "_buffers"):
-        old_items, new_items = getattr(module, store), getattr(new, store)
-        if list(old_items) != list(new_items):
-            raise RuntimeError(
-                f"cannot convert {type(module).__name__} to {target.__name__}: "
-                f"{store[1:]} {list(old_items)} != {list(new_items)}"
-            )
-        for name, value in old_items.items():
-            new_items[name] = value
-        if store == "_buffers":
-            new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
-    new.train(module.training)
-    if hasattr(module, "qconfig"):
-        new.qconfig = module.qconfig
-    if hasattr(module, "process_group") and hasattr(new, "process_group"):  # SyncBatchNorm both ways
-        new.process_group = module.process_group
-    return new
 
 
 # ---------------------------------------------------------------- subclasses of torch.nn's classes

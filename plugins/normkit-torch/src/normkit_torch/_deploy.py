@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from normkit_torch._twins import TO_TORCH, swap
+
 __all__ = [
     "TraceableLazy",
     "torch_twin",
@@ -48,8 +50,6 @@ TWIN_ATTRIBUTE = "torch_twin"
 
 def torch_twin(module: nn.Module) -> nn.Module:
     """The torch.nn module of ``module``'s class, configuration and mode holding the same Parameters and buffers."""
-    from normkit_torch._convert import TO_TORCH, _swap
-
     target = TO_TORCH.get(type(module))
     if target is None:
         raise TypeError(f"{type(module).__name__} has no torch.nn twin")
@@ -58,15 +58,13 @@ def torch_twin(module: nn.Module) -> nn.Module:
             f"{type(module).__name__}(virtual_batch_size={module.virtual_batch_size}) has no torch.nn twin: torch.nn "
             "has no ghost batch norm"
         )
-    return _swap(module, target)
+    return swap(module, target)
 
 
 def _has_twin(module: nn.Module) -> bool:
     """The module is of a class offering ``torch_twin`` (the family; not SyncBatchNorm, whose twin cannot
     synchronize on CPU, nor a user's subclass ``convert`` mixed in) and is initialized (a Lazy twin would
     materialize Parameters of its own)."""
-    from normkit_torch._convert import TO_TORCH
-
     if type(module) not in TO_TORCH or not isinstance(getattr(type(module), TWIN_ATTRIBUTE, None), property):
         return False
     if getattr(module, "virtual_batch_size", None) is not None:  # ghost batch norm: torch.nn has none

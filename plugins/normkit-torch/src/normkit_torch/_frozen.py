@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import normkit
-from normkit_torch import _deploy
+from normkit_torch import _batchnorm, _deploy
 
 __all__ = [
     "FrozenBatchNorm",
@@ -138,10 +138,8 @@ def _frozen_twin(module: _BatchNorm, name: str) -> FrozenBatchNorm:
 
 
 def _unfrozen_twin(module: FrozenBatchNorm) -> nn.Module:
-    import normkit_torch
-
     cls = {FrozenBatchNorm1d: "BatchNorm1d", FrozenBatchNorm2d: "BatchNorm2d", FrozenBatchNorm3d: "BatchNorm3d"}
-    target = getattr(normkit_torch, cls.get(type(module), "BatchNorm"))
+    target = getattr(_batchnorm, cls.get(type(module), "BatchNorm"))
     rm = module.running_mean
     bn = target(module.num_features, eps=module.eps, device=rm.device, dtype=rm.dtype)
     with torch.no_grad():

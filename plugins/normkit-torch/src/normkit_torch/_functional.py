@@ -35,7 +35,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 import normkit
 from normkit.plugin import kernels
-from normkit_torch._plugin import POLICY
+from normkit_torch._policy import POLICY
 
 _is_scripting = torch.jit.is_scripting  # one lookup less per call; TorchScript treats it as the original
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.fx import Proxy
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from normkit_torch import _deploy
+from normkit_torch import _deploy, _twins
 from normkit_torch._functional import _is_scripting, instance_norm
 
 __all__ = [
@@ -101,3 +101,8 @@ class LazyInstanceNorm3d(_deploy.TraceableLazy, _NormkitInstanceNorm, nn.LazyIns
     """Drop-in for ``torch.nn.LazyInstanceNorm3d``; becomes InstanceNorm3d after the first input."""
 
     cls_to_become = InstanceNorm3d  # type: ignore[assignment]
+
+
+_twins.register({nn.InstanceNorm1d: InstanceNorm1d, nn.InstanceNorm2d: InstanceNorm2d,
+                 nn.InstanceNorm3d: InstanceNorm3d, nn.LazyInstanceNorm1d: LazyInstanceNorm1d,
+                 nn.LazyInstanceNorm2d: LazyInstanceNorm2d, nn.LazyInstanceNorm3d: LazyInstanceNorm3d})

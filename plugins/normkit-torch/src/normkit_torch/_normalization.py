@@ -13,16 +13,12 @@ group norm are ~3e-3 off at data offset 1e4). Each forward scripts (TorchScript 
 
 from __future__ import annotations
 
-from typing import Optional
-
-import torch
 from torch import Tensor, nn
 from torch.fx import Proxy
-from torch.nn import init
-from torch.nn.parameter import Parameter
 
-from normkit_torch import _deploy
+from normkit_torch import _deploy, _twins
 from normkit_torch._functional import _is_scripting, group_norm, layer_norm, rms_norm
+from normkit_torch._twins import RMSNormBase as _RMSNormBase  # torch.nn.RMSNorm, or its stand-in on torch < 2.4
 
 __all__ = ["LayerNorm", "GroupNorm", "RMSNorm"]
 
@@ -53,35 +49,6 @@ class GroupNorm(nn.GroupNorm):
         return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
 
-if hasattr(nn, "RMSNorm"):
-    _RMSNormBase = nn.RMSNorm
-else:  # torch < 2.4 has no nn.RMSNorm: the same arguments, parameters and repr, written out
-
-    class _RMSNormBase(nn.Module):  # type: ignore[no-redef]
-        __constants__ = ["normalized_shape", "eps", "elementwise_affine"]
-
-        def __init__(self, normalized_shape, eps: Optional[float] = None, elementwise_affine: bool = True,
-                     device=None, dtype=None) -> None:
-            super().__init__()
-            if isinstance(normalized_shape, int):
-                normalized_shape = (normalized_shape,)
-            self.normalized_shape = tuple(normalized_shape)
-            self.eps = eps
-            self.elementwise_affine = elementwise_affine
-            if elementwise_affine:
-                self.weight = Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
-            else:
-                self.register_parameter("weight", None)
-            self.reset_parameters()
-
-        def reset_parameters(self) -> None:
-            if self.elementwise_affine:
-                init.ones_(self.weight)
-
-        def extra_repr(self) -> str:
-            return "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}".format(**self.__dict__)
-
-
 class RMSNorm(_RMSNormBase):
     """Drop-in for ``torch.nn.RMSNorm``."""
 
@@ -93,3 +60,8 @@ class RMSNorm(_RMSNormBase):
             if isinstance(x, Proxy):
                 return _deploy.traced_call(self, x)
         return rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+
+_twins.register({nn.LayerNorm: LayerNorm, nn.GroupNorm: GroupNorm})
+if hasattr(nn, "RMSNorm"):
+    _twins.register({nn.RMSNorm: RMSNorm})

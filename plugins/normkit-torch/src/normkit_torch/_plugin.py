@@ -6,7 +6,7 @@ are named or imported only when a hook is called.
 Kernels (``normkit_kernel``): for the torch namespace, every op of the family on every device and
 float dtype is torch's own kernel (``normkit_torch._kernels``: aten wrapped to the normkit
 function's contract, pure). ``TABLE`` names cpu and cuda and a device ``"any"`` that every other
-device (mps, xpu, ...) falls back to. ``POLICY`` (``NORMKIT_TORCH_KERNELS``, ``set_kernel_policy``)
+device (mps, xpu, ...) falls back to. ``POLICY`` (``_policy``: ``NORMKIT_TORCH_KERNELS``, ``set_kernel_policy``)
 switches every kernel off: ``"core"`` computes through the generic core, the reference.
 """
 
@@ -16,9 +16,8 @@ import sys
 from typing import Any
 
 from normkit import hookimpl
-from normkit.plugin.kernels import KernelPolicy, KernelTable
-
-POLICY = KernelPolicy("NORMKIT_TORCH_KERNELS")
+from normkit.plugin.kernels import KernelTable
+from normkit_torch._policy import POLICY
 
 OPS = ("batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm")
 DEVICES = ("cpu", "cuda", "any")  # "any": the entry every device not named here gets

@@ -32,8 +32,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import normkit
 from normkit import Moments
-from normkit_torch import _deploy
-from normkit_torch._accumulate import skip_running_update
+from normkit_torch import _deploy, _twins
+from normkit_torch._recording import skip_running_update
 from normkit_torch.distributed import agreed_moments, is_synchronized, local_moments, signature
 
 __all__ = ["SyncBatchNorm"]
@@ -172,3 +172,6 @@ class SyncBatchNorm(_BatchNorm):
             output.add_module(name, cls.convert_sync_batchnorm(child, process_group))
         del module
         return output
+
+
+_twins.register({nn.SyncBatchNorm: SyncBatchNorm})
