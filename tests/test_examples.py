@@ -1,5 +1,6 @@
-"""Every example runs (``main(["--fast", "--out", tmp])``), writes its figures, and its numbers support
-the claim it illustrates as far as a few steps can show it."""
+"""Every example runs in its fast mode and its numbers support the claim it illustrates as far as a few steps
+can show it. The tour (``make demo``) runs each example's ``main(["--fast", "--out", DIR])`` in turn, so it runs
+once here (one module fixture, on one pytest-xdist worker) and each example's test checks that pass of it."""
 
 from __future__ import annotations
 
@@ -10,16 +11,13 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-pytestmark = pytest.mark.slow  # end-to-end runs; ~2 minutes for the whole file
+# end-to-end runs (~1 minute for the file); one worker, which runs the tour once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("examples")]
 
 NAMES = ["feature_scaling", "per_feature_map", "every_library", "lr_sweep", "keras_seed_models", "tour"]
 
 
-def run(name: str, out: Path) -> dict:
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    module = importlib.import_module(name)
-    results = module.main(["--fast", "--out", str(out)])
+def _checked_figures(name: str, results: dict, out: Path) -> dict:
     assert isinstance(results, dict)
     assert results["figures"], f"{name} wrote no figure"
     for figure in results["figures"]:
@@ -28,6 +26,22 @@ def run(name: str, out: Path) -> dict:
         assert path.suffix == ".png" and path.is_file() and path.stat().st_size > 5_000, path
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
     return results
+
+
+@pytest.fixture(scope="module")
+def tour(tmp_path_factory):
+    """``examples/tour.py --fast``'s results (every example's own results under its name) and its --out folder."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    out = tmp_path_factory.mktemp("tour")
+    results = importlib.import_module("tour").main(["--fast", "--out", str(out)])
+    return _checked_figures("tour", results, out), out
+
+
+def run(name: str, tour) -> dict:
+    """The results of example ``name``'s fast pass inside the tour, its figures checked."""
+    results, out = tour
+    return _checked_figures(name, results[name], out)
 
 
 # examples checked by a test file of their own (script name -> that file)
@@ -48,8 +62,8 @@ def test_every_example_is_covered():
         assert name in (here / CHECKED_ELSEWHERE[name]).read_text(), f"{CHECKED_ELSEWHERE[name]} does not run {name}"
 
 
-def test_feature_scaling(tmp_path):
-    r = run("feature_scaling", tmp_path)
+def test_feature_scaling(tour):
+    r = run("feature_scaling", tour)
     raw, mm, z = r["unscaled"], r["min-max"], r["z-score"]
     assert z["final_loss"] < mm["final_loss"] < raw["final_loss"]
     assert z["test_mse"] < raw["test_mse"] / 10
@@ -59,8 +73,8 @@ def test_feature_scaling(tmp_path):
     assert r["module_vs_function_max_abs_diff"] < 1e-5
 
 
-def test_per_feature_map(tmp_path):
-    r = run("per_feature_map", tmp_path)
+def test_per_feature_map(tour):
+    r = run("per_feature_map", tour)
     assert r["n_stats_per_map"] == r["channels"] == 8
     assert r["n_stats_per_pixel"] == r["pixels"] == 8 * 8 * 8
     assert r["quiet_pixels"] > 0
@@ -71,8 +85,8 @@ def test_per_feature_map(tmp_path):
     assert r["batch16_error_per_pixel"] > 5 * r["batch16_error_per_map"]
 
 
-def test_every_library(tmp_path):
-    r = run("every_library", tmp_path)
+def test_every_library(tour):
+    r = run("every_library", tour)
     assert set(r["max_abs_diff"]) == {"torch", "jax (jit)", "dask (computed)", "tensorflow"}
     for lib, diff in r["max_abs_diff"].items():
         assert diff <= 1e-5, lib
@@ -82,8 +96,8 @@ def test_every_library(tmp_path):
     assert r["types"]["tensorflow"].startswith("tensorflow")
 
 
-def test_lr_sweep(tmp_path):
-    r = run("lr_sweep", tmp_path)
+def test_lr_sweep(tour):
+    r = run("lr_sweep", tour)
     assert r["lrs"] == [0.01, 0.1, 1.0] and r["epochs"] == 2
     for net in ("mlp", "cnn"):
         for key in ("bn", "plain"):
@@ -102,8 +116,8 @@ def test_lr_sweep(tmp_path):
     assert cnn["bn"][0.1]["test_acc"] > cnn["plain"][0.1]["test_acc"] > 0.2
 
 
-def test_keras_seed_models(tmp_path):
-    r = run("keras_seed_models", tmp_path)
+def test_keras_seed_models(tour):
+    r = run("keras_seed_models", tour)
     models = r["models"]
     for name in ("dense", "conv"):
         assert models[(name, "init_max_abs_diff")] < 1e-4  # same weights, same forward pass
@@ -118,8 +132,8 @@ def test_keras_seed_models(tmp_path):
         assert abs(models[(name, "normkit")]["test_acc"] - models[(name, "keras")]["test_acc"]) <= margin
 
 
-def test_tour(tmp_path):
-    r = run("tour", tmp_path)
+def test_tour(tour):
+    r, _ = tour
     core = r["core"]
     assert core["numpy_z_mean"] < 1e-5
     assert all(abs(s - 1) < 1e-4 for s in core["numpy_z_std"] + core["torch_y_std"])
