@@ -12,71 +12,27 @@ with ``GradientTape``, on torch with ``backward``, on JAX with ``jax.grad`` of `
 ``model.fit``) cannot hand out, so a call there raises. The fold assigns the model's own variables: on JAX,
 read ``model.non_trainable_variables`` again after the context. ``model.fit`` with an optimizer's ``gradient_accumulation_steps=k`` applies
 the gradients every k steps but updates the moving statistics on every micro-batch (k momentum steps).
+A layer's training call asks ``normkit_keras._recording`` whether to record; this module opens and folds the records.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
 from typing import Any, Iterator
 
 import keras
 
 import normkit
 from normkit import Moments
+from normkit_keras._backend import backend_namespace, native
+from normkit_keras._batch_normalization import BatchNormalization, core_arguments
+from normkit_keras._recording import LOCK as _LOCK, RECORDS as _RECORDS
 
-__all__ = ["accumulate_statistics", "record"]
-
-_LOCK = threading.Lock()
-_RECORDS: dict[int, list[Moments]] = {}  # id(layer) -> the Moments of each training call inside the context
-
-
-def _traced(x: Any) -> bool:
-    """Whether ``x`` is a symbolic value of a traced function (its statistics cannot leave the trace)."""
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return not tf.executing_eagerly()
-    if backend == "jax":
-        import jax
-
-        return isinstance(x, jax.core.Tracer)
-    if backend == "torch":
-        import torch
-
-        return torch.compiler.is_compiling()
-    return False
-
-
-def record(layer: Any, x: Any, mask: Any, xp: Any) -> bool:
-    """Called by a BatchNormalization training call that would update its moving statistics with batch ``x``:
-    True when it must not (inside ``accumulate_statistics``: the batch's Moments are recorded for the fold)."""
-    records = _RECORDS.get(id(layer))
-    if records is None:
-        return False
-    x = keras.ops.stop_gradient(x)  # under jax.grad without jit: the concrete value behind the tracer
-    if _traced(x):
-        raise RuntimeError(
-            f"accumulate_statistics: BatchNormalization {layer.name!r} was called inside a traced function "
-            "(tf.function, jax.jit, model.fit); call the model eagerly inside the context")
-    batch = None
-    if layer.synchronized:  # every replica's statistics, as the call normalized with
-        from normkit_keras import _synchronized
-
-        batch = _synchronized.global_moments(x, axis=layer.axis, mask=mask, xp=xp, layer=layer._description())
-    if batch is None:
-        batch = normkit.batch_moments(x, axis=layer.axis, mask=mask, xp=xp)
-    records.append(batch)
-    return True
-
+__all__ = ["accumulate_statistics"]
 
 def _fold(layer: Any, records: list[Moments]) -> None:
     """One moving-statistics update of ``layer`` with the merge of ``records``, with the conventions of its own
     training call (``core_arguments``: new weight ``1 - momentum``, biased variance)."""
-    from normkit_keras._backend import backend_namespace, native
-    from normkit_keras._batch_normalization import core_arguments
-
     merged = records[0]
     for part in records[1:]:
         merged = merged.merge(part)
@@ -100,8 +56,6 @@ def accumulate_statistics(model: Any) -> Iterator[Any]:
     """
     if not isinstance(model, keras.layers.Layer):
         raise TypeError(f"accumulate_statistics expects a keras.Model or keras Layer, got {type(model).__name__}")
-    from normkit_keras._batch_normalization import BatchNormalization
-
     bns = [layer for layer in model._flatten_layers(include_self=True, recursive=True)
            if isinstance(layer, keras.layers.BatchNormalization)]
     foreign = [f"{bn.name} ({type(bn).__module__}.{type(bn).__name__}{', renorm=True' if bn.renorm else ''})"

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import keras
 
 import normkit
-from normkit_keras import _accumulate, _synchronized
+from normkit_keras import _recording, _synchronized
 from normkit_keras._backend import backend_name, backend_namespace, cast, dtype_name, in_compute_dtype, native
 
 __all__ = ["BatchNormalization", "core_arguments"]
@@ -159,7 +159,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 x, cast(xp, native(self.moving_mean), dtype), cast(xp, native(self.moving_variance), dtype), gamma,
                 beta, training=train, mask=mask if train else None, xp=xp, **core_arguments(self), **extra,
             )
-            if train and not _accumulate.record(self, x, mask, xp):  # inside accumulate_statistics: recorded
+            if train and not _recording.record(self, x, mask, xp):  # inside accumulate_statistics: recorded
                 self.moving_mean.assign(new_mean)
                 self.moving_variance.assign(new_var)
         return cast(xp, y, self.compute_dtype)
