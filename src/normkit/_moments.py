@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from normkit import _numpy_fast as numpy_fast
+from normkit._moment_types import Centered, Fitted
 from normkit._namespace import array_namespace, device_of, stop_gradient
 from normkit._validate import (
     compute_dtype,
@@ -48,20 +49,6 @@ class MomentsResult(NamedTuple):
 
     mean: Any
     var: Any
-
-
-class Centered(NamedTuple):
-    """What one pass over ``x`` leaves behind (keepdims): ``x - mean == centered - residual``.
-
-    ``centered`` is the full-size ``x - (mean - residual)``; callers reuse it for the output as
-    ``centered * scale + (bias - residual * scale)``, which needs no further full-size pass.
-    """
-
-    mean: Any
-    centered: Any
-    residual: Any
-    var: Any
-    count: Any
 
 
 # namespaces whose float32 sums accumulate naively along a non-contiguous axis (1e6 rows at 1e4:
@@ -154,26 +141,6 @@ def centered_moments(xp: Any, x: Any, axes: tuple[int, ...], weights: Any = None
                                / xp.astype(total, wide), x.dtype)
     var = xp.maximum(square - residual * residual, xp.zeros_like(square))
     return Centered(first + residual, centered, residual, var, count)
-
-
-class Fitted(NamedTuple):
-    """NaN-ignoring statistics of ``x`` over the reduced axes (keepdims), as the fitting functions use them.
-
-    ``scale`` is an exact power of two per feature that brings ``max |x|`` into [1, 4) (1 where a
-    feature has no finite value); ``mean``/``var`` (biased) are those of ``x * scale`` over the
-    ``count`` non-NaN values, so ``mean(x) = mean / scale`` and ``var(x) = var / scale**2``.
-    ``min``/``max`` are x's own (+inf/-inf for a feature with no value: the identities of a merge).
-    ``x * scale - mean == centered - residual`` (full size, NaN where x is NaN), as in ``Centered``.
-    """
-
-    count: Any
-    mean: Any
-    var: Any
-    min: Any
-    max: Any
-    scale: Any
-    centered: Any
-    residual: Any
 
 
 def scalar_like(xp: Any, value: float, like: Any) -> Any:
@@ -360,7 +327,7 @@ class Moments:
         xp = array_namespace(("m2", self.m2))
         return xp.sqrt(self.var)
 
-    def unbiased_var(self, correction: int = 1) -> Any:
+    def unbiased_var(self, correction: float = 1) -> Any:
         """Sample variance, ``m2 / (observed - correction)``."""
         n = self.observed
         if isinstance(n, int) and n <= correction:

@@ -15,6 +15,9 @@ import threading
 from types import ModuleType
 from typing import Any
 
+from normkit._imports import imported_module
+from normkit.plugin.manager import on_plugins_changed, plugin_manager
+
 __all__ = [
     "array_namespace", "is_array", "stop_gradient", "device_of", "type_name", "clear_cache", "warm_up",
     "imported_module", "concrete_scalar",
@@ -23,24 +26,7 @@ __all__ = [
 _CACHE: dict[type, Any] = {}
 _NDARRAY = __import__("numpy").ndarray
 _LOCK = threading.Lock()
-_READY: dict[str, ModuleType] = {}
 _SUPPORTED = "numpy, torch, jax, dask, cupy, array-api-strict, or TensorFlow (through normkit-keras)"
-
-
-def imported_module(name: str) -> ModuleType | None:
-    """``sys.modules[name]`` once its import has finished, else None (not imported, or still importing).
-
-    While another thread imports a library its module is already in ``sys.modules`` but half
-    built; reading ``torch.Tensor`` from it then raises ``AttributeError``. An array of a library
-    that is still importing cannot have reached normkit, so None is the right answer for it.
-    """
-    module = sys.modules.get(name)
-    if module is None or module is _READY.get(name):
-        return module
-    if getattr(getattr(module, "__spec__", None), "_initializing", False):
-        return None
-    _READY[name] = module
-    return module
 
 
 def type_name(a: object) -> str:
@@ -130,8 +116,6 @@ def _lookup(a: object) -> Any:
         return array_api_compat.array_namespace(a)
     except TypeError:
         pass
-    from normkit.plugin.manager import plugin_manager
-
     xp = plugin_manager().hook.normkit_array_namespace(array=a)
     if xp is not None:
         return xp
@@ -153,6 +137,9 @@ def clear_cache() -> None:
     """Forget every cached namespace answer (plugins were registered or removed)."""
     with _LOCK:
         _CACHE.clear()
+
+
+on_plugins_changed(clear_cache)
 
 
 def warm_up() -> None:

@@ -8,12 +8,11 @@ input) and the squares are summed by BLAS dots. Same algorithm as ``_moments.cen
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:  # only for the annotation: _moments imports this module
-    from normkit._moments import Centered
+from normkit._moment_types import Centered, Fitted
 
 __all__ = ["applies", "centered_moments", "fit_moments", "nan_min_max", "min_max_in_place", "scale_shift_in_place"]
 
@@ -35,7 +34,6 @@ def centered_moments(xc: Any, f: int, count: int) -> Centered:
     without a second temporary: with runs of >= 256 values per feature (NCHW images) by a BLAS
     dot per run (``vecdot``), about ten times faster than ``mean(c * c)``; otherwise by ``einsum``.
     """
-    from normkit._moments import Centered  # here: _moments dispatches to this module
     outer = 1
     for d in xc.shape[:f]:
         outer *= int(d)
@@ -103,15 +101,13 @@ def scale_shift_in_place(centered: Any, scale: Any, bias: Any) -> Any:
     return y
 
 
-def fit_moments(x: Any, axes: tuple[int, ...]) -> Any:
+def fit_moments(x: Any, axes: tuple[int, ...]) -> Fitted:
     """``_moments.Fitted`` of a NumPy array (NaN ignored, exact power-of-two scale), two full-size temporaries.
 
     The algorithm of ``_moments.fit_moments``; NaN is left out by the reductions' ``where=`` mask
     instead of a ``where`` copy, the scale comes from ``frexp``, and the centring happens in place
     on ``x * scale`` (our own temporary, which ``standardize`` then scales in place).
     """
-    from normkit._moments import Fitted  # here: _moments dispatches to this module
-
     valid = np.equal(x, x)
     mask = {} if valid.all() else {"where": valid}  # eager NumPy: masked reductions only where NaN is
     lo, hi = nan_min_max(x, axes, bool(mask))

@@ -23,13 +23,14 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+from normkit.plugin.manager import on_plugins_changed, plugin_manager
+
 __all__ = [
     "KERNEL_POLICIES",
     "KernelPolicy",
     "KernelTable",
     "load",
     "generation",
-    "policies",
     "use_policy",
     "current_override",
     "lookup",
@@ -42,7 +43,6 @@ KERNEL_POLICIES = ("auto", "core")
 
 _LOCK = threading.Lock()
 _GENERATION = [0]
-_POLICIES: list[KernelPolicy] = []
 _CACHE: dict[tuple, Any] = {}
 _MISSING = object()
 # set by use_policy in the current thread (contextvars context) only: wins over every KernelPolicy's own value
@@ -82,6 +82,9 @@ def invalidate() -> None:
         _CACHE.clear()
 
 
+on_plugins_changed(invalidate)
+
+
 class KernelPolicy:
     """A process-wide ``"auto"``/``"core"`` switch; ``value`` is a plain attribute, cheap to read per call.
 
@@ -94,7 +97,6 @@ class KernelPolicy:
         if value not in KERNEL_POLICIES:
             raise ValueError(f"{env_var} must be one of {KERNEL_POLICIES}, got {value!r}")
         self.value = value
-        _POLICIES.append(self)
 
     def set(self, policy: str) -> str:
         """Switch to ``policy``; returns the previous one."""
@@ -112,11 +114,6 @@ class KernelPolicy:
     def enabled(self) -> bool:
         """True when plugin kernels may be used."""
         return (current_override() or self.value) == "auto"
-
-
-def policies() -> list[KernelPolicy]:
-    """Every ``KernelPolicy`` made in this process (one per loaded plugin)."""
-    return list(_POLICIES)
 
 
 @contextmanager
@@ -213,8 +210,6 @@ def lookup(op: str, xp: Any, device: Any, dtype: Any, layout: str = "any", *,
     found = _CACHE.get(key, _MISSING)
     if found is not _MISSING or not resolve:
         return None if found is _MISSING else found
-    from normkit.plugin.manager import plugin_manager
-
     found = plugin_manager().hook.normkit_kernel(op=op, xp=xp, device=device, dtype=dtype, layout=layout)
     with _LOCK:
         if key[-1] == _GENERATION[0]:

@@ -20,11 +20,11 @@ from typing import Any, Callable
 
 import pluggy
 
-from normkit._namespace import imported_module
+from normkit._imports import imported_module
 from normkit.plugin import spec
 
 __all__ = [
-    "plugin_manager", "frameworks", "framework", "strict", "register", "unregister", "kernel", "failures",
+    "plugin_manager", "frameworks", "framework", "strict", "register", "unregister", "failures",
     "imported_module", "PluginLoadWarning", "PluginError",
 ]
 
@@ -32,6 +32,7 @@ _LOCK = threading.RLock()
 _MANAGER: pluggy.PluginManager | None = None
 _DISABLED: set[tuple[str, str]] = set()  # (plugin, hook) that raised in strict mode: skipped since
 _FAILURES: list[tuple[str, str, BaseException]] = []
+_ON_CHANGE: list[Callable[[], None]] = []  # the caches of answers that depend on the registered plugins
 
 
 class PluginLoadWarning(UserWarning):
@@ -129,13 +130,22 @@ def plugin_manager() -> pluggy.PluginManager:
         return _MANAGER
 
 
+def on_plugins_changed(forget: Callable[[], None]) -> None:
+    """Call ``forget`` whenever a plugin is registered or unregistered in-process (``register``, ``unregister``).
+
+    The caches of answers that depend on the plugins subscribe as they are defined (the namespace lookup's,
+    ``normkit._namespace.clear_cache``; the kernel lookup's, ``normkit.plugin.kernels.invalidate``), so the host
+    never imports the modules that ask it. Not in ``__all__``: normkit's own caches use it.
+    """
+    with _LOCK:
+        if forget not in _ON_CHANGE:
+            _ON_CHANGE.append(forget)
+
+
 def _forget_answers() -> None:
     """Cached namespace and kernel answers depend on the registered plugins: drop them."""
-    from normkit._namespace import clear_cache
-    from normkit.plugin.kernels import invalidate
-
-    clear_cache()
-    invalidate()
+    for forget in list(_ON_CHANGE):
+        forget()
 
 
 def register(plugin: object, name: str | None = None) -> str | None:
@@ -182,8 +192,3 @@ def framework(name: str) -> ModuleType:
                 f"install a distribution whose entry point (group {spec.PROJECT!r}) registers {name!r}")
         raise LookupError(f"no normkit plugin provides framework {name!r}; installed: {sorted(known)}; {hint}")
     return importlib.import_module(known[name])
-
-
-def kernel(op: str, xp: object, device: object, dtype: object, layout: str = "any"):  # noqa: ANN201
-    """The fused kernel a plugin offers for this configuration, or None. Call once, keep the answer."""
-    return plugin_manager().hook.normkit_kernel(op=op, xp=xp, device=device, dtype=dtype, layout=layout)
