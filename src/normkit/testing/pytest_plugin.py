@@ -74,11 +74,18 @@ def selected_harnesses(config: pytest.Config) -> list[Any]:
     value = config.getoption("--frameworks")
     if value == "none":
         return []
+    names = [v.strip() for v in value.split(",") if v.strip()] if value != "all" else []
+    # an unknown name is refused from the plugins' framework names, before any harness imports its framework
+    known = {name for answer in plugin_manager().hook.normkit_frameworks() for name in answer}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise pytest.UsageError(
+            f"--frameworks names {unknown}, but no installed plugin provides them; installed: {sorted(known)}"
+        )
     harnesses = [h for answer in plugin_manager().hook.normkit_test_harnesses() for h in answer]
     by_name = {h.name: h for h in harnesses}
     if value == "all":
         return harnesses
-    names = [v.strip() for v in value.split(",") if v.strip()]
     missing = [n for n in names if n not in by_name]
     if missing:
         raise pytest.UsageError(
