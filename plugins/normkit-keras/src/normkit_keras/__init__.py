@@ -3,8 +3,9 @@
 Each layer subclasses its Keras twin (constructor, weights and config are Keras's; ``call`` is
 normkit's), so ``isinstance(layer, keras.layers.BatchNormalization)`` holds. Importing this
 package registers the layers with Keras's serialization (``_registration``) without importing
-keras: the layers load on first access (PEP 562) or right after keras is imported, so normkit's
-entry module ``normkit_keras._plugin`` stays free of keras and tensorflow.
+keras: the layers load on first access (PEP 562) or right after keras is imported. normkit's entry
+module is the top-level ``_normkit_keras_plugin``, not a module of this package, so discovering
+plugins never runs this registration.
 
 On the TensorFlow backend the layers (and ``normkit``'s functions on ``tf.Tensor``) run
 TensorFlow kernels where the plugin offers them; ``normkit_keras.set_kernel_policy("core")`` (or

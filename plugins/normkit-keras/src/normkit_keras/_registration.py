@@ -1,11 +1,20 @@
 """Registration of the layers with Keras's serialization on ``import normkit_keras``, without importing keras.
 
 A ``.keras`` file names each layer ``normkit>ClassName``; Keras finds it only if the class was
-registered (``keras.saving.register_keras_serializable``) before ``load_model``. The layer modules
-register on import, but importing them imports keras, which ``normkit_keras`` must not do (the
-plugin's entry module lives in this package). So: if keras is imported already, the layer modules
-are imported now; otherwise a one-shot import hook imports them right after keras finishes
-importing. Either way every class is registered before any Keras call can load a model.
+registered (``keras.saving.register_keras_serializable``) before ``load_model`` (Keras imports a
+config's module itself only for its own packages). The layer modules register on import, but they
+import keras, which ``import normkit_keras`` must not do (that would fix the Keras backend, and cost
+a TensorFlow import, before the user's own ``import keras``). So: if keras is imported already, the
+layer modules are imported now; otherwise a one-shot import hook (``sys.meta_path[0]``, removed when
+it fires) imports them right after keras finishes importing. Either way every class is registered
+before any Keras call can load a model.
+
+Why a hook, and whose: nothing of normkit runs between ``import keras`` and ``load_model`` (Keras
+has no plugin registry), so without one a process that imports normkit_keras first could not load
+its own files. It is installed only by importing this package, which is the user's choice: normkit's
+plugin discovery imports the entry module ``_normkit_keras_plugin``, which lives outside this package
+(so its ``__init__`` does not run) and imports it only for an array the plugin serves. A process that
+merely discovers plugins (numpy, torch or JAX only) keeps ``sys.meta_path`` as it was.
 """
 
 from __future__ import annotations
