@@ -11,7 +11,7 @@ PYTEST := $(PY) -m pytest -p no:cacheprovider
 # cluster) carry xdist_group("processes") and run one at a time on one worker.
 PYTEST_N := $(PYTEST) -n 2 --dist loadgroup
 
-.PHONY: demo test bench mutants venv clean
+.PHONY: demo test bench docs mutants venv clean
 
 # requirements/nodeps.txt: packages installed without their declared dependencies (the file says which
 # and why); pip check must report nothing but those known, named absences.
@@ -55,6 +55,11 @@ test: $(STAMP)
 	  KERAS_BACKEND=$$backend $(PYTEST) tests/test_conformance.py --frameworks=keras --backends=none && \
 	  (export KERAS_BACKEND=$$backend && $(KERAS_TESTS)) || exit 1; \
 	done
+
+# The docs site (mkdocs.yml): the README as the guide, the API reference from the docstrings; --strict: a warning
+# fails (tests/test_docs.py builds it too).
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict
 
 bench: $(STAMP)
 	taskset -c 0 $(PY) benchmarks/run.py

@@ -11,7 +11,7 @@ against normkit's public API and hooks only.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.3.0"
 
@@ -35,6 +35,29 @@ _NAMES = {
 }
 
 __all__ = list(_NAMES)
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and the API reference (nothing is imported at run time)
+    from normkit_flax._layers import (
+        BatchNorm as BatchNorm,
+        GroupNorm as GroupNorm,
+        InstanceNorm as InstanceNorm,
+        LayerNorm as LayerNorm,
+        RMSNorm as RMSNorm,
+    )
+    from normkit_flax._policy import get_kernel_policy as get_kernel_policy, set_kernel_policy as set_kernel_policy
+    from normkit_flax._state import (
+        copy_norm_states as copy_norm_states,
+        from_state as from_state,
+        get_state as get_state,
+        norm_states as norm_states,
+        set_state as set_state,
+    )
+    from normkit_flax._tools import (
+        FrozenBatchNorm as FrozenBatchNorm,
+        fold_batch_norm as fold_batch_norm,
+        freeze as freeze,
+        recalibrate as recalibrate,
+    )
 
 
 def __getattr__(name: str) -> Any:
