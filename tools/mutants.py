@@ -87,7 +87,7 @@ MUTANTS: list[Mutant] = [
            "src/normkit/_ghost.py", "m2 = xp.sum(var + dev * dev, axis=0, keepdims=True) * count",
            "m2 = xp.sum(var, axis=0, keepdims=True) * count", ((CORE, "tests/test_ghost.py"),)),
     Mutant("core-running-stats-keep-history", "running statistics keep autograd history", "src/normkit/_running.py",
-           "mean = stop_gradient(xp, batch.mean)", "mean = batch.mean", (CORE_MATRIX,)),
+           "mean = cut(batch.mean)", "mean = batch.mean", (CORE_MATRIX,)),
 ]
 
 # normkit-torch: the core path of the modules, the functional API's kernels, sync, tools

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from normkit import _numpy_fast as numpy_fast
+from normkit._backend import backend
 from normkit._dispatch import call_kernel
 from normkit._ghost import ghost_train, virtual_batch_size_value
 from normkit._moments import Moments, centered_moments
@@ -96,8 +96,9 @@ def _normalize(xp: Any, x: Any, mean: Any, var: Any, weight: Any, bias: Any, eps
     scale = xp.reshape(_scale(xp, v, w, eps), bshape)
     xc = x if x.dtype == dtype else xp.astype(x, dtype)
     b = None if b is None else xp.reshape(b, bshape)
-    if numpy_fast.applies(xp, xc):  # in place on our own difference: one full-size temporary
-        y = numpy_fast.scale_shift_in_place(xc - m, scale, b)
+    fast = backend(xp).fast_for(xc)
+    if fast is not None:  # in place on our own difference: one full-size temporary
+        y = fast.scale_shift_in_place(xc - m, scale, b)
     else:
         y = (xc - m) * scale
         if b is not None:
@@ -214,15 +215,15 @@ def _train(xp: Any, x: Any, running_mean: Any, running_var: Any, weight: Any, bi
     if count is not None and count <= 1 and not allow_single_value and mask is None:
         raise _single_value_error(x)
     weights = None if mask is None else mask_weights(xp, mask, x, f)
-    fast = weights is None and count is not None and count > 0 and numpy_fast.applies(xp, xc)
-    m = numpy_fast.centered_moments(xc, f, count) if fast else centered_moments(xp, xc, axes, weights)
+    fast = backend(xp).fast_for(xc) if weights is None and count is not None and count > 0 else None
+    m = centered_moments(xp, xc, axes, weights) if fast is None else fast.centered_moments(xc, f, count)
     # y = (x - mean) * scale + bias with x - mean = centered - residual: centred before scaling, so
     # float32 data far from zero (mean 1e4) keeps its accuracy; the residual folds into the shift
     scale = _scale(xp, xp.reshape(m.var, feat), w, eps)
     scale = xp.reshape(scale, bshape)
     shift = -(m.residual * scale) if b is None else xp.reshape(b, bshape) - m.residual * scale
-    if fast:  # in place on our own temporary: no further full-size array
-        y = numpy_fast.scale_shift_in_place(m.centered, scale, shift)
+    if fast is not None:  # in place on our own temporary: no further full-size array
+        y = fast.scale_shift_in_place(m.centered, scale, shift)
     else:
         y = m.centered * scale + shift
     new_mean = new_var = None

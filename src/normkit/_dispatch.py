@@ -8,26 +8,18 @@ would break the graph); an eager call beforehand makes the compiled graph use th
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
+from normkit._backend import compiling
 from normkit._namespace import device_of
 from normkit.plugin import kernels
 
 __all__ = ["call_kernel", "kernel_for"]
 
 
-def _torch_compiling() -> bool:
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return False
-    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(fn()) if fn is not None else False
-
-
 def kernel_for(op: str, xp: Any, x: Any) -> Any:
     """The kernel plugins offer for ``op`` on ``x``'s namespace, device and dtype, or None."""
-    return kernels.lookup(op, xp, device_of(xp, x), x.dtype, resolve=not _torch_compiling())
+    return kernels.lookup(op, xp, device_of(xp, x), x.dtype, resolve=not compiling())
 
 
 def call_kernel(op: str, xp: Any, x: Any, *args: Any, **kwargs: Any) -> Any:

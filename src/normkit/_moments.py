@@ -24,9 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from normkit import _numpy_fast as numpy_fast
+from normkit._backend import backend
 from normkit._moment_types import Centered, Fitted
-from normkit._namespace import array_namespace, device_of, stop_gradient
+from normkit._namespace import array_namespace, device_of
 from normkit._validate import (
     compute_dtype,
     feature_axis,
@@ -49,22 +49,6 @@ class MomentsResult(NamedTuple):
 
     mean: Any
     var: Any
-
-
-# namespaces whose float32 sums accumulate naively along a non-contiguous axis (1e6 rows at 1e4:
-# the mean comes out 131 off in numpy and TensorFlow); a namespace may say so itself with the
-# attribute ``normkit_sums_naively``
-_NAIVE_SUMMERS = frozenset({"array_api_compat.numpy", "array_api_strict", "array_api_compat.dask.array"})
-
-
-def _wide_accumulator(xp: Any, x: Any) -> Any:
-    """float64 where ``xp`` sums float32 naively and has float64, else None (the sum is accurate)."""
-    naive = getattr(xp, "normkit_sums_naively", None)
-    if naive is None:
-        naive = getattr(xp, "__name__", None) in _NAIVE_SUMMERS
-    if not naive or x.dtype != xp.float32:
-        return None
-    return getattr(xp, "float64", None)
 
 
 def dynamic_count(xp: Any, x: Any, axes: tuple[int, ...]) -> Any:
@@ -101,7 +85,7 @@ def centered_moments(xp: Any, x: Any, axes: tuple[int, ...], weights: Any = None
     otherwise the static number of reduced values (an int) or a 0-d array when unknown until
     run time. A feature with no counted position gets mean and variance 0.
     """
-    wide = _wide_accumulator(xp, x)
+    wide = backend(xp).accumulation_dtype(xp, x)
     if weights is None:
         count: Any = static_count(tuple(x.shape), axes)
         if count is None:
@@ -185,10 +169,12 @@ def fit_moments(xp: Any, x: Any, axes: tuple[int, ...]) -> Fitted:
 
     The corrected two-pass of ``centered_moments`` on ``u = x * scale`` with NaN replaced by 0 and
     left out of every sum and count (a ``where``, not a weight: fewer full-size temporaries).
-    NumPy's C-contiguous arrays take ``_numpy_fast.fit_moments`` (the same algorithm, in place).
+    A namespace's fast path (NumPy's C-contiguous arrays: ``_numpy_fast.fit_moments``) runs the same algorithm in place.
     """
-    if numpy_fast.applies(xp, x):
-        return numpy_fast.fit_moments(x, axes)
+    be = backend(xp)
+    fast = be.fast_for(x)
+    if fast is not None:
+        return fast.fit_moments(x, axes)
     valid = xp.equal(x, x)
     zero = scalar_like(xp, 0.0, x)
     lo = xp.min(xp.where(valid, x, scalar_like(xp, float("inf"), x)), axis=axes, keepdims=True)
@@ -196,7 +182,7 @@ def fit_moments(xp: Any, x: Any, axes: tuple[int, ...]) -> Fitted:
     scale = power_of_two_scale(xp, xp.maximum(-lo, hi))
     count = xp.sum(xp.astype(valid, x.dtype), axis=axes, keepdims=True)
     total = xp.maximum(count, scalar_like(xp, 1.0, count))  # a feature with no value: mean 0, var 0
-    wide = _wide_accumulator(xp, x)
+    wide = be.accumulation_dtype(xp, x)
     u = x * scale
     first = _mean(xp, xp.where(valid, u, zero), axes, total, wide)
     centered = u - first  # NaN stays NaN
@@ -297,10 +283,10 @@ class Moments:
         xc = x if x.dtype == dtype else xp.astype(x, dtype)
         fit = fit_moments(xp, xc, axes)
         squeeze = (lambda a: xp.squeeze(a, axis=axes)) if axes else (lambda a: a)
-        scale, observed = squeeze(fit.scale), stop_gradient(xp, squeeze(fit.count))
+        scale, observed = squeeze(fit.scale), backend(xp).stop_gradient(squeeze(fit.count))
         rows: Any = static_count(tuple(x.shape), axes)
         if rows is None:  # dask with unknown chunk sizes
-            rows = stop_gradient(xp, dynamic_count(xp, xc, axes))
+            rows = backend(xp).stop_gradient(dynamic_count(xp, xc, axes))
         return cls(
             count=rows,
             mean=squeeze(fit.mean) / scale,
@@ -401,6 +387,6 @@ def batch_moments(x: Any, *, axis: int = 1, mask: Any = None, xp: Any = None) ->
     m = centered_moments(xp, xc, axes, weights)
     count = m.count
     if not isinstance(count, int):
-        count = stop_gradient(xp, xp.reshape(count, (c,)) if weights is not None else count)
+        count = backend(xp).stop_gradient(xp.reshape(count, (c,)) if weights is not None else count)
     mean, var = xp.reshape(m.mean, (c,)), xp.reshape(m.var, (c,))
     return Moments(count=count, mean=mean, m2=var * (count if isinstance(count, int) else _as_count(xp, count, var)))

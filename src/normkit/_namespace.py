@@ -19,8 +19,7 @@ from normkit._imports import imported_module
 from normkit.plugin.manager import on_plugins_changed, plugin_manager
 
 __all__ = [
-    "array_namespace", "is_array", "stop_gradient", "device_of", "type_name", "clear_cache", "warm_up",
-    "imported_module", "concrete_scalar",
+    "array_namespace", "is_array", "device_of", "type_name", "clear_cache", "warm_up", "imported_module",
 ]
 
 _CACHE: dict[type, Any] = {}
@@ -215,51 +214,3 @@ def device_of(xp: ModuleType | Any, x: Any) -> Any:
     from array_api_compat import device
 
     return device(x)
-
-
-def stop_gradient(xp: Any, a: Any) -> Any:
-    """``a`` without autograd history; running statistics must never carry it."""
-    fn = getattr(xp, "stop_gradient", None)
-    if fn is not None:
-        return fn(a)
-    module = type(a).__module__
-    if module.startswith("torch"):
-        return a.detach()
-    if module.startswith("jax"):
-        import jax
-
-        return jax.lax.stop_gradient(a)
-    return a
-
-
-def _torch_value_unknown(torch: Any, a: Any) -> bool:
-    """True while torch traces (torch.compile, a CUDA graph capture): ``float()`` of a tensor would break
-    the graph or fail, so its value is not known now."""
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and compiler.is_compiling():
-        return True
-    return a.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def concrete_scalar(a: Any) -> float | None:
-    """The value of a 0-d array (or NumPy scalar) as a float where it is known now, else None.
-
-    Known: NumPy, array-api-strict, eager torch (one device sync on a GPU), concrete jax arrays, eager
-    TensorFlow. Unknown (None): jax tracers (jit, grad, vmap), torch while compiling or capturing a CUDA
-    graph, dask (lazy: computing would break its laziness), symbolic tensors (tf.function, KerasTensor).
-    """
-    module = type(a).__module__.split(".")[0]
-    if module == "dask":
-        return None
-    if module == "torch":
-        torch = imported_module("torch")
-        if torch is not None and isinstance(a, torch.Tensor) and _torch_value_unknown(torch, a):
-            return None
-    if module in ("jax", "jaxlib"):
-        jax = imported_module("jax")
-        if jax is not None and isinstance(a, jax.core.Tracer):
-            return None
-    try:
-        return float(a)
-    except Exception:  # noqa: BLE001 - a symbolic value of any library: not known now
-        return None

@@ -20,10 +20,12 @@ _VECDOT_MIN_RUN = 256
 _BLOCK = 64
 
 
-def applies(xp: Any, x: Any) -> bool:
-    """True for a non-empty C-contiguous NumPy array: the training forward then runs ``centered_moments``."""
-    return (getattr(xp, "__name__", "") == "array_api_compat.numpy" and type(x) is np.ndarray
-            and x.flags.c_contiguous and x.size > 0)
+def applies(x: Any) -> bool:
+    """True for a non-empty C-contiguous NumPy array: the training forward then runs ``centered_moments``.
+
+    Asked only for arrays of array-api-compat's NumPy namespace (``_backend``'s table holds this module for it).
+    """
+    return type(x) is np.ndarray and x.flags.c_contiguous and x.size > 0
 
 
 def centered_moments(xc: Any, f: int, count: int) -> Centered:

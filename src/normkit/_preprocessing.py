@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from normkit import _numpy_fast as numpy_fast
+from normkit._backend import backend
 from normkit._moments import fit_moments, power_of_two_scale, scalar_like
 from normkit._namespace import array_namespace
 from normkit._validate import as_param, compute_dtype, feature_axis, require_floating, samples_per_feature
@@ -91,9 +91,10 @@ def standardize(
     if m is not None:
         return _back(xp, d / sd, x)
     # u - mean as centered - residual: the fitted mean is never rounded into the difference
-    if numpy_fast.applies(xp, fit.centered):  # fit.centered is our own temporary: scaled in place
+    fast = backend(xp).fast_for(fit.centered)
+    if fast is not None:  # fit.centered is our own temporary: scaled in place
         inv = 1.0 / sd
-        return _back(xp, numpy_fast.scale_shift_in_place(fit.centered, inv, -fit.residual * inv), x)
+        return _back(xp, fast.scale_shift_in_place(fit.centered, inv, -fit.residual * inv), x)
     return _back(xp, (fit.centered - fit.residual) / sd, x)
 
 
@@ -120,11 +121,11 @@ def min_max_scale(
     xp, axes, pshape, bshape, dtype, xc = _prepare(x, axis, (("data_min", data_min), ("data_max", data_max)), xp)
     dmin = _stat(xp, data_min, "data_min", pshape, bshape, dtype, x)
     dmax = _stat(xp, data_max, "data_max", pshape, bshape, dtype, x)
-    fast = numpy_fast.applies(xp, xc)
+    fast = backend(xp).fast_for(xc)
     if dmin is None or dmax is None:
         samples_per_feature(x, axis, axes, "min_max_scale")
-        if fast:
-            lo_x, hi_x = numpy_fast.nan_min_max(xc, axes, not xc.size or bool(xp.any(xp.isnan(xc))))
+        if fast is not None:
+            lo_x, hi_x = fast.nan_min_max(xc, axes, not xc.size or bool(xp.any(xp.isnan(xc))))
         else:
             valid = xp.equal(xc, xc)
             lo_x = xp.min(xp.where(valid, xc, scalar_like(xp, float("inf"), xc)), axis=axes, keepdims=True)
@@ -135,8 +136,8 @@ def min_max_scale(
     low = dmin * scale
     span = _zero_to_one(xp, dmax * scale - low)
     width, lo = float(hi) - float(lo), float(lo)
-    if fast:
-        return _back(xp, numpy_fast.min_max_in_place(xc, scale, low, span, width, lo), x)
+    if fast is not None:
+        return _back(xp, fast.min_max_in_place(xc, scale, low, span, width, lo), x)
     y = (xc * scale - low) / span
     if width != 1.0:
         y = y * width

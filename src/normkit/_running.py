@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from normkit._backend import backend
 from normkit._moments import Moments
-from normkit._namespace import array_namespace, is_array, stop_gradient, type_name
+from normkit._namespace import array_namespace, is_array, type_name
 from normkit._validate import (
     compute_dtype,
     momentum_value,
@@ -88,8 +89,9 @@ def update_running_stats(
     mean_dtype, var_dtype = running_mean.dtype, running_var.dtype
     old_mean, old_var = _in(xp, running_mean, dtype), _in(xp, running_var, compute_dtype(xp, var_dtype))
     running_mean, running_var = old_mean, old_var  # half precision: the update in float32, one cast at the end
-    mean = stop_gradient(xp, batch.mean)
-    var = stop_gradient(xp, _bessel(xp, _in(xp, batch.m2, compute_dtype(xp, batch.m2.dtype)), count, correction))
+    cut = backend(xp).stop_gradient
+    mean = cut(batch.mean)
+    var = cut(_bessel(xp, _in(xp, batch.m2, compute_dtype(xp, batch.m2.dtype)), count, correction))
     if mean.dtype != running_mean.dtype:
         mean = xp.astype(mean, running_mean.dtype)
     if var.dtype != running_var.dtype:

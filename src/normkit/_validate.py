@@ -6,9 +6,8 @@ import numbers
 import operator
 from typing import Any
 
-import numpy as np
-
-from normkit._namespace import concrete_scalar, device_of, is_array, type_name
+from normkit._backend import concrete_scalar, python_scalar
+from normkit._namespace import device_of, is_array, type_name
 
 __all__ = [
     "as_int",
@@ -145,7 +144,7 @@ def samples_per_feature(x: Any, axis: int | None, axes: tuple[int, ...], what: s
 
 def _real_number(value: Any, name: str, expected: str) -> float:
     """``value`` as a finite float (NumPy scalars too); strings, booleans, None and arrays are refused by name."""
-    value = _python_scalar(value)
+    value = python_scalar(value)
     if isinstance(value, (bool, str, bytes)) or value is None:
         raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
     if not isinstance(value, (int, float)) and is_array(value):
@@ -175,11 +174,6 @@ def nonnegative_eps(eps: float, name: str = "eps") -> float:
     return value
 
 
-def _python_scalar(value: Any) -> Any:
-    """A NumPy scalar (``np.float32(0.1)``) as the Python number it holds; anything else unchanged."""
-    return value.item() if isinstance(value, np.generic) else value
-
-
 def _array_scalar(value: Any, name: str, expected: str) -> float | None:
     """A 0-d real array's value where known now (``concrete_scalar``), None where traced or lazy; other
     shapes and boolean or complex dtypes are refused by name."""
@@ -206,7 +200,7 @@ def momentum_value(momentum: Any, name: str = "momentum", *, allow_none: bool = 
         if allow_none:
             return None
         raise TypeError(f"{name} must be a number in [0, 1], got None")
-    momentum = _python_scalar(momentum)
+    momentum = python_scalar(momentum)
     if not isinstance(momentum, (int, float)) and is_array(momentum):
         found = _array_scalar(momentum, name, "a number in [0, 1]")
         if found is not None and not 0.0 <= found <= 1.0:
@@ -224,7 +218,7 @@ def num_batches_value(num_batches: Any, name: str = "num_batches") -> Any:
     expected = "a count of batches >= 1 (this batch included)"
     if num_batches is None:
         raise ValueError(f"momentum=None (a cumulative average) needs {name}, the number of batches averaged")
-    num_batches = _python_scalar(num_batches)
+    num_batches = python_scalar(num_batches)
     if not isinstance(num_batches, (int, float)) and is_array(num_batches):
         found = _array_scalar(num_batches, name, expected)
         if found is not None and not found >= 1:
