@@ -11,11 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import _normkit_keras_plugin as _plugin
 import normkit
 from conftest import BACKEND, f32_tol
 from normkit.plugin.kernels import use_policy
 from normkit.testing import reference
-from normkit_keras import _jax_kernels, _plugin
+from normkit_keras import _jax_kernels
 
 assert BACKEND == "jax", "conftest collects this module in the JAX run only"
 F32 = jnp.dtype("float32")  # the dtype the functional API passes (x.dtype)

@@ -16,12 +16,13 @@ import keras
 import numpy as np
 import pytest
 
+import _normkit_keras_plugin as _plugin
 import normkit
 import normkit_keras as nk
 from conftest import BACKEND, f32_tol
 from normkit.plugin.kernels import use_policy
 from normkit.testing import reference
-from normkit_keras import _kernels, _plugin
+from normkit_keras import _kernels
 from normkit_keras._backend import backend_namespace
 
 assert BACKEND == "tensorflow", "conftest collects this module in the TensorFlow run only"

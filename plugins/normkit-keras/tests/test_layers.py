@@ -56,7 +56,7 @@ def test_entry_module_imports_no_framework():
 def test_hooks_namespace_backends_harness():
     import tensorflow as tf
 
-    from normkit_keras import _plugin
+    import _normkit_keras_plugin as _plugin
     from normkit_keras._namespaces import keras_ops_namespace, tensorflow_namespace
 
     assert _plugin.normkit_array_namespace(tf.constant([1.0])) is tensorflow_namespace()
