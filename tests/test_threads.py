@@ -56,7 +56,7 @@ ROUND_SCRIPT = textwrap.dedent(
             while not importers_done.is_set():
                 nk.batch_norm(x, training=True)
                 nk.standardize(x)
-                time.sleep(0.001)
+                time.sleep(0.01)
         return run
 
     def dask_array():
