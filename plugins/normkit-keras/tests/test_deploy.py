@@ -17,8 +17,8 @@ from conftest import BACKEND, f32_tol
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _run(*args: str) -> str:
-    done = subprocess.run([sys.executable, os.path.join(HERE, "fresh_process.py"), *args], capture_output=True,
+def _load_in_a_fresh_process(where: str) -> str:
+    done = subprocess.run([sys.executable, os.path.join(HERE, "fresh_process.py"), where], capture_output=True,
                           text=True, timeout=300, env={**os.environ, "KERAS_BACKEND": BACKEND})
     assert done.returncode == 0, done.stderr[-4000:]
     return done.stdout.strip().splitlines()[-1]
@@ -29,7 +29,7 @@ def test_keras_file_loads_in_a_fresh_process(tmp_path):
     import fresh_process
 
     fresh_process.save(str(tmp_path))
-    assert _run("load", str(tmp_path)) == "LOADED 8"
+    assert _load_in_a_fresh_process(str(tmp_path)) == "LOADED 8"
 
 
 def _model(module):
